@@ -1,0 +1,30 @@
+"""Single source of truth for label ids, the CT window and axis conventions."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+__all__ = ["AXIS_ORDER", "DEFAULT_HU_WINDOW", "LABEL_NAMES", "Label"]
+
+
+class Label(IntEnum):
+    """Voxel label values of the Task03_Liver / LiTS convention."""
+
+    BACKGROUND = 0
+    LIVER = 1
+    TUMOUR = 2
+
+
+#: Names written to ``dataset.json`` and reports, keyed by label value.
+LABEL_NAMES: Final[dict[int, str]] = {
+    Label.BACKGROUND: "background",
+    Label.LIVER: "liver",
+    Label.TUMOUR: "tumour",
+}
+
+#: Abdominal CT display and normalisation window in Hounsfield units (low, high).
+DEFAULT_HU_WINDOW: Final[tuple[float, float]] = (-200.0, 250.0)
+
+#: Axis order of every canonical array: axial slices first, then rows (P->A), columns (L->R).
+AXIS_ORDER: Final[str] = "ZYX"

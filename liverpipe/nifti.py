@@ -1,0 +1,244 @@
+"""NIfTI-1/2 reading: header checks first, then the voxel data.
+
+The header is validated before any voxel is decompressed, so an absurd or truncated
+file is refused cheaply. Data are decompressed with ISA-L (``isal``), about three times
+faster than the standard library's zlib, and returned in native byte order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from isal import igzip
+from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
+
+from liverpipe.errors import InvalidScanError
+from liverpipe.settings import CheckConfig
+
+__all__ = ["NIFTI_SUFFIXES", "NiftiInfo", "case_id_of", "is_nifti", "read_header", "read_voxels"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_nifti(path: Path) -> bool:
+    """True for visible ``.nii``/``.nii.gz`` files (hidden and macOS ``._*`` files excluded)."""
+    name = path.name
+    return not name.startswith(".") and name.endswith(NIFTI_SUFFIXES)
+
+
+def case_id_of(path: Path) -> str:
+    """The file name without ``.nii``/``.nii.gz``: ``liver_3.nii.gz`` -> ``liver_3``."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass(frozen=True, eq=False)
+class NiftiInfo:
+    """What the header says about one file; no voxel has been read yet.
+
+    ``shape`` and ``spacing`` follow the file's voxel axes (i, j, k); spacing in mm.
+    ``affine`` maps (i, j, k) to RAS+ millimetres (nibabel's choice of sform, then qform).
+    """
+
+    path: Path
+    image: nib.Nifti1Image | nib.Nifti2Image
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    disk_dtype: np.dtype[Any]
+    axcodes: tuple[str, str, str]
+
+    @property
+    def header(self) -> nib.Nifti1Header:
+        return self.image.header
+
+
+def read_header(path: Path, limits: CheckConfig | None = None) -> NiftiInfo:
+    """Parse and validate a NIfTI header without reading voxel data.
+
+    Raises:
+        InvalidScanError: the file is missing, not NIfTI, not 3D, too large, has an
+            unsupported data type, non-positive spacing or a singular affine, or (for
+            ``.nii``) is shorter than its header promises.
+    """
+    limits = limits or CheckConfig()
+    path = Path(path)
+    image = _load_lazy(path)
+    shape = _spatial_shape(path, tuple(int(d) for d in image.shape))
+    _check_size(path, shape, limits)
+    dtype = _check_dtype(path, image)
+    _check_raw_pixdim(path, type(image.header))
+    affine = np.asarray(image.affine, dtype=np.float64)
+    _check_affine(path, affine)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    if path.name.endswith(".nii"):
+        _check_plain_length(path, image, shape, dtype)
+    axcodes = tuple(str(c) for c in nib.aff2axcodes(affine))
+    return NiftiInfo(path, image, shape, spacing, affine, dtype, axcodes)  # type: ignore[arg-type]
+
+
+def read_voxels(info: NiftiInfo) -> np.ndarray:
+    """Read the voxel array on the file's (i, j, k) grid, native byte order.
+
+    Integer data without scaling keep their dtype; scaled data (scl_slope/scl_inter) and
+    float data come back as float32. Never float64.
+
+    Raises:
+        InvalidScanError: the gzip stream is truncated or corrupt.
+    """
+    raw = _read_bytes(info)
+    offset = _proxy_int(info.image, "offset")
+    count = int(np.prod(info.shape))
+    need = offset + count * info.disk_dtype.itemsize
+    if len(raw) < need:
+        raise InvalidScanError(
+            info.path,
+            f"the file holds {len(raw)} bytes of data but the header needs {need}",
+            "the file is truncated; download or export it again",
+        )
+    flat = np.frombuffer(raw, dtype=info.disk_dtype, count=count, offset=offset)
+    data = flat.reshape(info.shape, order="F")
+    native = info.disk_dtype.newbyteorder("=")
+    # A loaded nibabel image keeps scl_slope/scl_inter on its array proxy, not its header.
+    slope, inter = _proxy_float(info.image, "slope"), _proxy_float(info.image, "inter")
+    scaled = slope != 1.0 or inter != 0.0
+    if scaled or data.dtype.kind == "f":
+        out = data.astype(np.float32, order="F")
+        if scaled:
+            out *= np.float32(slope)
+            out += np.float32(inter)
+        return out
+    return data.astype(native, order="F", copy=not data.dtype.isnative or not data.flags.writeable)
+
+
+def _proxy_int(image: nib.Nifti1Image | nib.Nifti2Image, name: str) -> int:
+    return int(getattr(image.dataobj, name))
+
+
+def _proxy_float(image: nib.Nifti1Image | nib.Nifti2Image, name: str) -> float:
+    return float(getattr(image.dataobj, name))
+
+
+def _load_lazy(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    if not path.is_file():
+        raise InvalidScanError(
+            path, "the file does not exist", "check the path and the data folder"
+        )
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(2)
+    except OSError as err:
+        raise InvalidScanError(
+            path, f"the file cannot be opened ({err})", "check its permissions"
+        ) from err
+    if path.name.endswith(".gz") and magic != _GZIP_MAGIC:
+        raise InvalidScanError(
+            path, "the name ends in .gz but the file is not gzip-compressed", "rename it to .nii"
+        )
+    try:
+        image = nib.load(path)
+    except (ImageFileError, EOFError, OSError, ValueError) as err:
+        raise InvalidScanError(
+            path,
+            f"the header cannot be read as NIfTI-1 or NIfTI-2 ({err})",
+            "export the scan again as NIfTI (e.g. dcm2niix) or download it again",
+        ) from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise InvalidScanError(
+            path, f"the file is {type(image).__name__}, not NIfTI", "convert it to NIfTI"
+        )
+    return image
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) < 3 or any(d > 1 for d in shape[3:]):
+        raise InvalidScanError(
+            path,
+            f"the volume has shape {shape}; a 3D volume (trailing singleton axes allowed) is required",
+            "split 4D series into 3D volumes and pass one per case",
+        )
+    return (shape[0], shape[1], shape[2])
+
+
+def _check_size(path: Path, shape: tuple[int, int, int], limits: CheckConfig) -> None:
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if min(shape) < 1 or max(shape) > limits.max_dim or voxels > limits.max_voxels:
+        raise InvalidScanError(
+            path,
+            f"the header claims shape {shape} ({voxels} voxels); the limits are "
+            f"{limits.max_dim} per axis and {limits.max_voxels} voxels",
+            "check that the header is not corrupt, or raise [check] max_dim / max_voxels",
+        )
+
+
+def _check_dtype(path: Path, image: nib.Nifti1Image | nib.Nifti2Image) -> np.dtype[Any]:
+    dtype = np.dtype(image.header.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise InvalidScanError(
+            path,
+            f"voxel data type {dtype} is not a real scalar type",
+            "save the scan as int16, uint16 or float32",
+        )
+    return dtype
+
+
+def _check_raw_pixdim(path: Path, header_class: type[nib.Nifti1Header]) -> None:
+    """Refuse zero or non-finite pixdim, which nibabel would silently reset to 1 mm."""
+    with ImageOpener(str(path)) as fh:
+        raw = header_class.from_fileobj(fh, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not np.isfinite(pixdim).all() or (pixdim == 0).any():
+        raise InvalidScanError(
+            path,
+            f"voxel spacing (pixdim) {tuple(float(v) for v in pixdim)} mm is not positive and finite",
+            "set pixdim[1..3] in the header to the real voxel size (e.g. nibabel set_zooms)",
+        )
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    finite = bool(np.isfinite(affine).all())
+    det = float(np.linalg.det(affine[:3, :3])) if finite else 0.0
+    if not finite or abs(det) < 1e-9:
+        raise InvalidScanError(
+            path,
+            "the voxel-to-world affine (sform/qform) is not finite and invertible",
+            "repair the sform/qform in the header (e.g. nibabel set_sform with a valid matrix)",
+        )
+
+
+def _check_plain_length(
+    path: Path,
+    image: nib.Nifti1Image | nib.Nifti2Image,
+    shape: tuple[int, int, int],
+    dtype: np.dtype[Any],
+) -> None:
+    need = _proxy_int(image, "offset") + int(np.prod(shape)) * dtype.itemsize
+    have = path.stat().st_size
+    if have < need:
+        raise InvalidScanError(
+            path,
+            f"the file is {have} bytes but its header needs {need}",
+            "the file is truncated; download or export it again",
+        )
+
+
+def _read_bytes(info: NiftiInfo) -> bytes:
+    data = info.path.read_bytes()
+    if not info.path.name.endswith(".gz"):
+        return data
+    try:
+        return igzip.decompress(data)
+    except (EOFError, OSError, ValueError) as err:
+        raise InvalidScanError(
+            info.path,
+            f"the gzip stream is truncated or corrupt ({err})",
+            "download or export the file again; `gzip -t FILE` confirms the damage",
+        ) from err

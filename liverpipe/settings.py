@@ -1,0 +1,130 @@
+"""Typed, frozen configuration, built once at the edge (CLI or flow).
+
+Precedence, lowest to highest: model defaults, the TOML file given with ``--config``,
+``LIVERPIPE_<SECTION>__<FIELD>`` environment variables, explicit CLI overrides.
+Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from liverpipe.errors import ConfigError
+
+__all__ = ["CheckConfig", "Settings", "SynthConfig", "load_settings"]
+
+ENV_PREFIX = "LIVERPIPE_"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CheckConfig(_Frozen):
+    """Limits applied when validating NIfTI inputs (``liverpipe check``)."""
+
+    max_dim: int = Field(2048, ge=1, description="Largest allowed size of any voxel axis.")
+    max_voxels: int = Field(
+        1024 * 1024 * 2048, ge=1, description="Largest allowed voxel count of one volume."
+    )
+    affine_tolerance_mm: float = Field(
+        1e-3, gt=0, description="Largest allowed distance (mm) between image and label grids."
+    )
+    workers: int = Field(0, ge=0, description="Reader threads; 0 means one per CPU core.")
+
+
+class SynthConfig(_Frozen):
+    """Defaults of the phantom generator (``liverpipe synth``)."""
+
+    size: Literal["small", "full"] = Field("small", description="Grid size preset.")
+    seed: int = Field(0, ge=0, description="Random seed; the same seed gives the same bytes.")
+
+
+class Settings(_Frozen):
+    """All configuration sections. Each section is its own frozen model."""
+
+    check: CheckConfig = CheckConfig()
+    synth: SynthConfig = SynthConfig()
+
+    def config_hash(self, section: str) -> str:
+        """sha256 of one section's canonical JSON, for provenance records."""
+        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(
+            path, "the config file does not exist", "pass an existing TOML file to --config"
+        ) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(
+            path, f"the file is not valid TOML ({err})", "correct the TOML syntax"
+        ) from err
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``LIVERPIPE_CHECK__MAX_DIM=512`` becomes ``{"check": {"max_dim": "512"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
+        out.setdefault(section, {})[field] = _parse_env_value(value)
+    return out
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config: Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from a TOML file, ``LIVERPIPE_*`` variables and CLI overrides.
+
+    ``overrides`` maps section -> field -> value; ``None`` values are ignored so that
+    unset CLI flags do not mask the file.
+    """
+    data: dict[str, Any] = _read_toml(config) if config is not None else {}
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    cli = {s: {k: v for k, v in f.items() if v is not None} for s, f in (overrides or {}).items()}
+    data = _merge(data, cli)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        where = config if config is not None else "configuration"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(
+            where,
+            f"invalid settings ({problems})",
+            "correct or remove these keys; `liverpipe config` lists every valid key",
+        ) from err

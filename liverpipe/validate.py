@@ -1,0 +1,160 @@
+"""Validation of cases: header first, then data, then image/label agreement.
+
+Every problem becomes one sentence naming the file, what is wrong and the fix.
+``check_case`` never raises for bad input: it returns a :class:`CaseReport`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from liverpipe.dataset import CaseFiles, DatasetIndex
+from liverpipe.errors import (
+    GeometryMismatchError,
+    InvalidScanError,
+    LabelValueError,
+    LiverpipeError,
+)
+from liverpipe.labels import Label
+from liverpipe.nifti import NiftiInfo, read_header, read_voxels
+from liverpipe.settings import CheckConfig
+
+__all__ = [
+    "CaseReport",
+    "check_affines_match",
+    "check_case",
+    "check_dataset",
+    "check_image_values",
+    "check_label_values",
+]
+
+T = TypeVar("T")
+_VALID_LABELS = frozenset(int(v) for v in Label)
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """Outcome of checking one case; ``errors`` is empty when ``ok``."""
+
+    case_id: str
+    ok: bool
+    errors: tuple[str, ...]
+    shape: tuple[int, int, int] | None = None
+    spacing: tuple[float, float, float] | None = None
+    axcodes: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"case_id": self.case_id, "ok": self.ok, "errors": list(self.errors)}
+
+
+def check_image_values(path: Path, data: np.ndarray) -> None:
+    """Raise InvalidScanError when a float image holds NaN or infinite values."""
+    if data.dtype.kind != "f":
+        return
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InvalidScanError(
+            path,
+            f"{bad} voxels are NaN or infinite",
+            "replace them with a valid HU value (e.g. -1024 for air) before ingest",
+        )
+
+
+def check_label_values(path: Path, data: np.ndarray) -> None:
+    """Raise LabelValueError unless every voxel is an integral value in {0, 1, 2}."""
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        integral = finite & (np.floor(data) == data)
+        if not integral.all():
+            odd = np.unique(data[~integral])[:5]
+            raise LabelValueError(
+                path,
+                f"label values must be integers, found {', '.join(f'{v:g}' for v in odd)}",
+                "round the label map to 0/1/2 (it may have been resampled with linear "
+                "interpolation; use nearest neighbour)",
+            )
+    lo, hi = data.min(), data.max()
+    if lo < 0 or hi > max(_VALID_LABELS):
+        values = np.unique(data)
+        extra = [f"{v:g}" for v in values if int(v) not in _VALID_LABELS][:8]
+        raise LabelValueError(
+            path,
+            f"label values must be 0 (background), 1 (liver) or 2 (tumour), found {', '.join(extra)}",
+            "map the other values to 0/1/2 (e.g. several tumour ids to 2) before ingest",
+        )
+
+
+def check_affines_match(image: NiftiInfo, label: NiftiInfo, tolerance_mm: float) -> None:
+    """Raise GeometryMismatchError unless image and label share shape and voxel grid.
+
+    The grids agree when every corner voxel of the volume lands within ``tolerance_mm``
+    of the same world point under both affines.
+    """
+    if image.shape != label.shape:
+        raise GeometryMismatchError(
+            label.path,
+            f"label shape {label.shape} differs from image shape {image.shape} ({image.path.name})",
+            "resample the label onto the image grid with nearest-neighbour interpolation",
+        )
+    corners = np.array(list(product(*[(0, n - 1) for n in image.shape])), dtype=np.float64)
+    corners = np.c_[corners, np.ones(len(corners))]
+    gap = float(np.abs(corners @ image.affine.T - corners @ label.affine.T)[:, :3].max())
+    if gap > tolerance_mm:
+        raise GeometryMismatchError(
+            label.path,
+            f"label grid is {gap:.4g} mm away from the image grid ({image.path.name}); "
+            f"the tolerance is {tolerance_mm:g} mm",
+            "copy the image's affine into the label header if the voxels correspond, "
+            "otherwise resample the label onto the image grid",
+        )
+
+
+def check_case(case: CaseFiles, limits: CheckConfig | None = None) -> CaseReport:
+    """Validate one case: headers, then voxel data, then image/label agreement."""
+    limits = limits or CheckConfig()
+    errors = list(case.problems)
+    image = _guard(errors, read_header, case.image, limits) if case.image else None
+    label = _guard(errors, read_header, case.label, limits) if case.label else None
+    if image is not None:
+        _guard(errors, lambda i: check_image_values(i.path, read_voxels(i)), image)
+    if label is not None:
+        _guard(errors, lambda i: check_label_values(i.path, read_voxels(i)), label)
+    if image is not None and label is not None:
+        _guard(errors, check_affines_match, image, label, limits.affine_tolerance_mm)
+    return CaseReport(
+        case.case_id,
+        not errors,
+        tuple(errors),
+        image.shape if image else None,
+        image.spacing if image else None,
+        "".join(image.axcodes) if image else None,
+    )
+
+
+def check_dataset(index: DatasetIndex, limits: CheckConfig | None = None) -> Iterator[CaseReport]:
+    """Check every case with a thread pool (decompression releases the GIL); yields in order."""
+    limits = limits or CheckConfig()
+    workers = limits.workers or _cpu_count()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(lambda c: check_case(c, limits), index.cases)
+
+
+def _guard(errors: list[str], step: Callable[..., T], *args: Any) -> T | None:
+    """Run one check; a LiverpipeError becomes an error sentence instead of propagating."""
+    try:
+        return step(*args)
+    except LiverpipeError as err:
+        errors.append(str(err))
+        return None
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

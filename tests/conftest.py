@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny NIfTI writers, the real CT fixture, a small phantom dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CT_DIR = REPO.parent / "shared" / "data" / "real-ct"
+
+
+def write_nifti(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    version: int = 1,
+    slope_inter: tuple[float, float] | None = None,
+) -> Path:
+    """Write ``data`` (file voxel order) with sform and qform set to ``affine``."""
+    affine = np.diag([1.0, 1.0, 2.0, 1.0]) if affine is None else affine
+    cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    image = cls(data, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    if slope_inter is not None:
+        image.header.set_slope_inter(*slope_inter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+@pytest.fixture
+def tiny_case(tmp_path: Path) -> Path:
+    """A valid 2-case MSD-style dataset of 8x9x10 volumes; returns its root."""
+    rng = np.random.default_rng(0)
+    for name in ("case_a", "case_b"):
+        image = rng.integers(-200, 200, size=(8, 9, 10)).astype(np.int16)
+        label = np.zeros((8, 9, 10), dtype=np.uint8)
+        label[2:6, 2:6, 2:6] = 1
+        label[3:4, 3:4, 3:4] = 2
+        write_nifti(tmp_path / "imagesTr" / f"{name}.nii.gz", image)
+        write_nifti(tmp_path / "labelsTr" / f"{name}.nii.gz", label)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> tuple[Path, Path]:
+    """Paths of the real CT scan and its liver mask (see shared/data/real-ct/README.md)."""
+    ct, liver = REAL_CT_DIR / "ct.nii.gz", REAL_CT_DIR / "liver.nii.gz"
+    if not ct.is_file():
+        pytest.fail(f"the real CT fixture is missing at {ct}; the repo expects ../shared beside it")
+    return ct, liver
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-case small phantom dataset (seed 0), shared by the session; do not modify."""
+    from liverpipe.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_dataset(root, 4, seed=0, size="small", workers=1)
+    return root

@@ -1,0 +1,113 @@
+"""``liverpipe check``: exit codes, JSON output, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from conftest import write_nifti
+from typer.testing import CliRunner
+
+from liverpipe.cli import app
+
+runner = CliRunner()
+
+
+def test_valid_dataset_exits_zero(tiny_case: Path) -> None:
+    result = runner.invoke(app, ["check", str(tiny_case), "--json"])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.stdout)
+    assert [(r["case_id"], r["ok"], r["errors"]) for r in reports] == [
+        ("case_a", True, []),
+        ("case_b", True, []),
+    ]
+
+
+def test_phantoms_pass_the_check(phantom_dir: Path) -> None:
+    result = runner.invoke(
+        app, ["check", str(phantom_dir), "--json", "--config", "configs/tiny.toml"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 4
+
+
+def _break(root: Path) -> None:
+    """One bad case per kind of problem, next to a good one."""
+    good = np.zeros((8, 9, 10), dtype=np.uint8)
+    vol = np.zeros((8, 9, 10), dtype=np.int16)
+    write_nifti(root / "imagesTr" / "badlabel.nii.gz", vol)
+    write_nifti(root / "labelsTr" / "badlabel.nii.gz", good + 5)
+    write_nifti(root / "imagesTr" / "nolabel.nii.gz", vol)
+    write_nifti(root / "imagesTr" / "shifted.nii.gz", vol)
+    moved = np.diag([1.0, 1.0, 2.0, 1.0])
+    moved[2, 3] = 4.0
+    write_nifti(root / "labelsTr" / "shifted.nii.gz", good, moved)
+    write_nifti(root / "imagesTr" / "nan.nii.gz", np.full((8, 9, 10), np.nan, np.float32))
+    write_nifti(root / "labelsTr" / "nan.nii.gz", good)
+    truncated = write_nifti(
+        root / "imagesTr" / "cut.nii.gz", np.random.default_rng(0).normal(size=(30, 30, 30))
+    )
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    write_nifti(root / "labelsTr" / "cut.nii.gz", np.zeros((30, 30, 30), np.uint8))
+
+
+def test_each_bad_case_is_reported_with_file_problem_and_fix(tiny_case: Path) -> None:
+    _break(tiny_case)
+    result = runner.invoke(app, ["check", str(tiny_case), "--json"])
+    assert result.exit_code == 1
+    reports = {r["case_id"]: r for r in json.loads(result.stdout)}
+    assert reports["case_a"]["ok"] and reports["case_b"]["ok"]
+    expected = {
+        "badlabel": "labelsTr/badlabel.nii.gz: label values must be 0 (background), 1 (liver) or 2 (tumour), found 5",
+        "nolabel": "imagesTr/nolabel.nii.gz: training image without a label",
+        "shifted": "labelsTr/shifted.nii.gz: label grid is 4 mm away from the image grid",
+        "nan": "imagesTr/nan.nii.gz: 720 voxels are NaN or infinite",
+        "cut": "imagesTr/cut.nii.gz: the gzip stream is truncated or corrupt",
+    }
+    for case_id, message in expected.items():
+        (error,) = reports[case_id]["errors"]
+        assert not reports[case_id]["ok"]
+        assert message in error, error
+        assert "Fix:" in error
+
+
+def test_table_output_and_missing_folder(tiny_case: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["check", str(tiny_case)])
+    assert result.exit_code == 0
+    assert "2 of 2 cases valid" in result.stdout
+    empty = tmp_path / "empty"
+    (empty / "imagesTr").mkdir(parents=True)
+    assert runner.invoke(app, ["check", str(empty)]).exit_code == 1  # no cases is not success
+
+
+def test_raw_inputs_are_never_modified(tiny_case: Path, tmp_path: Path) -> None:
+    _break(tiny_case)
+    before = {p: p.read_bytes() for p in tiny_case.rglob("*") if p.is_file()}
+    runner.invoke(app, ["check", str(tiny_case)])
+    after = {p: p.read_bytes() for p in tiny_case.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_help_lists_commands_with_examples() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert all(cmd in result.stdout for cmd in ("synth", "check", "config"))
+    for cmd in ("synth", "check", "config"):
+        assert "Example: liverpipe" in runner.invoke(app, [cmd, "--help"]).stdout
+
+
+def test_bad_config_is_a_clear_error(tiny_case: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[check]\nmax_dim = -3\n")
+    result = runner.invoke(app, ["check", str(tiny_case), "--config", str(bad)])
+    assert result.exit_code != 0
+    assert "check.max_dim" in str(result.exception)
+
+
+def test_copy_of_dataset_is_independent(phantom_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(phantom_dir, tmp_path / "c"))
+    next(iter((copy / "labelsTr").iterdir())).write_bytes(b"garbage")
+    result = runner.invoke(app, ["check", str(copy), "--json"])
+    assert result.exit_code == 1
+    assert sum(not r["ok"] for r in json.loads(result.stdout)) == 1

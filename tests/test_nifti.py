@@ -1,0 +1,196 @@
+"""NIfTI reading and per-file validation: encodings load right, bad files get their own error."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_nifti
+
+from liverpipe.errors import GeometryMismatchError, InvalidScanError, LabelValueError
+from liverpipe.nifti import read_header, read_voxels
+from liverpipe.settings import CheckConfig
+from liverpipe.validate import check_affines_match, check_image_values, check_label_values
+
+RNG = np.random.default_rng(42)
+VOLUME = RNG.integers(-1000, 1500, size=(7, 6, 5)).astype(np.int16)
+
+
+def _read(path: Path) -> np.ndarray:
+    return read_voxels(read_header(path))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_round_trip_int16_nifti1_and_nifti2(tmp_path: Path, suffix: str, version: int) -> None:
+    path = write_nifti(tmp_path / f"v{suffix}", VOLUME, version=version)
+    data = _read(path)
+    assert data.dtype == np.int16
+    np.testing.assert_array_equal(data, VOLUME)
+
+
+def test_big_endian_data_comes_back_native(tmp_path: Path) -> None:
+    header = nib.Nifti1Header().as_byteswapped(">")
+    header.set_data_shape(VOLUME.shape)
+    header.set_data_dtype(np.int16)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    path = tmp_path / "big.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + VOLUME.astype(">i2").tobytes(order="F"))
+    assert read_header(path).disk_dtype.byteorder == ">"
+    data = _read(path)
+    assert data.dtype.isnative
+    np.testing.assert_array_equal(data, VOLUME)
+
+
+def test_scaled_uint16_applies_slope_and_intercept(tmp_path: Path) -> None:
+    raw = (VOLUME.astype(np.int32) + 1024).astype(np.uint16)
+    path = write_nifti(tmp_path / "scaled.nii.gz", raw, slope_inter=(0.5, -1024.0))
+    data = _read(path)
+    assert data.dtype == np.float32
+    np.testing.assert_allclose(data, raw * 0.5 - 1024.0)
+
+
+def test_qform_used_when_sform_code_is_zero(tmp_path: Path) -> None:
+    qform = np.diag([0.7, 0.7, 3.0, 1.0])
+    qform[:3, 3] = [-100, 50, 20]
+    image = nib.Nifti1Image(VOLUME, qform)
+    image.set_qform(qform, code=1)
+    image.set_sform(np.diag([9.0, 9.0, 9.0, 1.0]), code=0)
+    path = tmp_path / "q.nii"
+    nib.save(image, path)
+    np.testing.assert_allclose(read_header(path).affine, qform)
+
+
+def test_trailing_singleton_fourth_axis_is_accepted(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "s.nii", VOLUME[..., None])
+    info = read_header(path)
+    assert info.shape == VOLUME.shape
+    np.testing.assert_array_equal(read_voxels(info), VOLUME)
+
+
+def test_true_4d_volume_is_refused(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "4d.nii", np.stack([VOLUME, VOLUME], axis=-1))
+    with pytest.raises(InvalidScanError, match=r"4d\.nii: the volume has shape \(7, 6, 5, 2\)"):
+        read_header(path)
+
+
+def test_absurd_header_is_refused_before_reading_data(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + b"tiny")  # a few bytes, not 128 GB
+    with pytest.raises(InvalidScanError, match="claims shape") as err:
+        read_header(path, CheckConfig())
+    assert "max_dim" in str(err.value)
+
+
+def test_configurable_voxel_cap(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "v.nii", VOLUME)
+    with pytest.raises(InvalidScanError, match="210 voxels"):
+        read_header(path, CheckConfig(max_voxels=100))
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 0.0, 1.0), (1.0, float("nan"), 1.0)])
+def test_bad_spacing_is_refused(tmp_path: Path, zooms: tuple[float, float, float]) -> None:
+    path = write_nifti(tmp_path / "z.nii", VOLUME)
+    header = nib.load(path).header.copy()
+    header["pixdim"][1:4] = zooms
+    header["qform_code"] = 0
+    header["sform_code"] = 0
+    blob = path.read_bytes()
+    path.write_bytes(header.binaryblock + blob[348:])
+    with pytest.raises(InvalidScanError, match="spacing"):
+        read_header(path)
+
+
+def test_singular_affine_is_refused(tmp_path: Path) -> None:
+    singular = np.diag([1.0, 1.0, 1.0, 1.0])
+    singular[:3, 2] = singular[:3, 1]  # two identical columns
+    image = nib.Nifti1Image(VOLUME, singular)
+    image.set_sform(singular, code=2)
+    path = tmp_path / "sing.nii"
+    nib.save(image, path)
+    with pytest.raises(InvalidScanError, match="affine"):
+        read_header(path)
+
+
+def test_truncated_gzip_is_refused(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "t.nii.gz", RNG.normal(size=(40, 40, 40)).astype(np.float32))
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    info = read_header(path)  # the header itself is intact
+    with pytest.raises(InvalidScanError, match="truncated or corrupt"):
+        read_voxels(info)
+
+
+def test_truncated_plain_nifti_is_refused_from_its_size(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "t.nii", VOLUME)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(InvalidScanError, match="truncated"):
+        read_header(path)
+
+
+def test_misnamed_plain_file_and_garbage(tmp_path: Path) -> None:
+    plain = write_nifti(tmp_path / "p.nii", VOLUME)
+    fake_gz = tmp_path / "p2.nii.gz"
+    fake_gz.write_bytes(plain.read_bytes())
+    with pytest.raises(InvalidScanError, match=r"not gzip-compressed.*rename it to \.nii"):
+        read_header(fake_gz)
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    with pytest.raises(InvalidScanError, match="cannot be read as NIfTI"):
+        read_header(junk)
+    with pytest.raises(InvalidScanError, match="does not exist"):
+        read_header(tmp_path / "missing.nii")
+
+
+def test_complex_dtype_is_refused(tmp_path: Path) -> None:
+    path = write_nifti(tmp_path / "c.nii", VOLUME.astype(np.complex64))
+    with pytest.raises(InvalidScanError, match="not a real scalar type"):
+        read_header(path)
+
+
+def test_non_finite_image_values(tmp_path: Path) -> None:
+    data = VOLUME.astype(np.float32)
+    data[0, 0, 0] = np.nan
+    data[1, 1, 1] = np.inf
+    with pytest.raises(InvalidScanError, match="2 voxels are NaN or infinite"):
+        check_image_values(tmp_path / "x.nii", data)
+    check_image_values(tmp_path / "x.nii", VOLUME)  # integer images are finite by construction
+
+
+def test_label_values() -> None:
+    path = Path("lab.nii.gz")
+    check_label_values(path, np.array([0, 1, 2], dtype=np.uint8))
+    check_label_values(
+        path, np.array([0.0, 1.0, 2.0], dtype=np.float32)
+    )  # integral floats are fine
+    with pytest.raises(LabelValueError, match="found 3"):
+        check_label_values(path, np.array([0, 1, 3], dtype=np.uint8))
+    with pytest.raises(LabelValueError, match=r"must be integers, found 0\.5"):
+        check_label_values(path, np.array([0.0, 0.5, 2.0], dtype=np.float32))
+    with pytest.raises(LabelValueError, match="found -1"):
+        check_label_values(path, np.array([0, -1], dtype=np.int16))
+    with pytest.raises(LabelValueError, match="integers, found nan"):
+        check_label_values(path, np.array([0.0, np.nan], dtype=np.float32))
+
+
+def test_image_label_grids_must_agree(tmp_path: Path) -> None:
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    image = read_header(write_nifti(tmp_path / "i.nii", VOLUME, affine))
+    same = read_header(write_nifti(tmp_path / "l.nii", VOLUME.astype(np.uint8) * 0, affine))
+    check_affines_match(image, same, 1e-3)
+    shifted = affine.copy()
+    shifted[0, 3] += 0.01
+    moved = read_header(write_nifti(tmp_path / "m.nii", VOLUME.astype(np.uint8) * 0, shifted))
+    with pytest.raises(GeometryMismatchError, match=r"0\.01 mm away"):
+        check_affines_match(image, moved, 1e-3)
+    check_affines_match(image, moved, 0.02)
+    small = read_header(write_nifti(tmp_path / "s.nii", np.zeros((7, 6, 4), np.uint8), affine))
+    with pytest.raises(GeometryMismatchError, match=r"label shape \(7, 6, 4\) differs"):
+        check_affines_match(image, small, 1e-3)

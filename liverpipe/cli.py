@@ -158,6 +158,102 @@ def _print_check_table(reports: list[Any]) -> None:
     )
 
 
+@app.command()
+def preprocess(
+    data_dir: Annotated[Path, typer.Argument(help="Dataset root holding imagesTr/ and labelsTr/.")],
+    store: Annotated[
+        Path, typer.Option("--store", "-s", help="Slice store path (created if missing).")
+    ],
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Dask workers; 0 = one per core.")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="tcp://host:port of an existing Dask scheduler.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Preprocess new or changed cases into the Zarr slice store, in parallel with Dask.
+
+    Unchanged cases (same content hash and config) are skipped; a config change
+    reprocesses every case. Exit 0 when every case is ok, 1 when some failed (valid
+    cases are stored either way; failures are in the manifest with their reasons).
+
+    Example: liverpipe preprocess /data/Task03_Liver --store stores/liver.zarr --config configs/tiny.toml
+    """
+    from liverpipe.parallel import dask_map
+    from liverpipe.pipeline import Plan, preprocess_dataset
+
+    settings = _settings(config, store={"workers": workers, "dask_address": dask_address})
+
+    def runner(fn: Any, items: Any, keys: Any) -> Any:
+        return dask_map(fn, items, keys, settings.store.workers, settings.store.dask_address)
+
+    with _progress() as bar:
+        task = bar.add_task("preprocessing", total=None)
+
+        def on_plan(work: Plan) -> None:
+            bar.update(task, total=len(work.todo))
+
+        summary = preprocess_dataset(
+            data_dir,
+            store,
+            settings,
+            runner,
+            on_result=lambda _cid, _ok: bar.advance(task),
+            on_plan=on_plan,
+        )
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(summary)
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+def _print_summary(summary: Any) -> None:
+    typer.echo(
+        f"processed {len(summary.processed)}, skipped {len(summary.skipped)}, "
+        f"failed {len(summary.failed)} in {summary.seconds:.1f} s "
+        f"({summary.cases_per_minute:.1f} cases/min)"
+    )
+    for case_id, error in summary.failed.items():
+        err_console.print(f"[red]failed[/red] {case_id}: {error}", highlight=False)
+    if summary.missing:
+        typer.echo(f"sources missing (kept in the store): {', '.join(summary.missing)}")
+    if summary.unlabelled:
+        typer.echo(f"unlabelled scans not stored (use predict): {len(summary.unlabelled)}")
+
+
+store_app = typer.Typer(help="Inspect a slice store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("info")
+def store_info(
+    store: Annotated[Path, typer.Argument(help="Slice store path.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a store's schema version, config hash and every case with its status and split.
+
+    Example: liverpipe store info stores/liver.zarr --json
+    """
+    from storage import SliceStore
+
+    info = SliceStore.open(store).info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"{store} (schema {info['schema_version']}, config {info['config_hash']})")
+    for column in ("case", "status", "split", "shape (Z,Y,X)", "spacing (x,y,z) mm", "error"):
+        table.add_column(column)
+    for case in info["cases"]:
+        shape = "x".join(str(v) for v in case["shape"]) if case["shape"] else "-"
+        spacing = "x".join(f"{v:.2f}" for v in case["spacing"]) if case["spacing"] else "-"
+        status = case["status"] + (" (source missing)" if case["source_missing"] else "")
+        table.add_row(case["case_id"], status, case["split"], shape, spacing, case["error"] or "")
+    Console().print(table)
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved configuration (defaults, file, LIVERPIPE_* variables) as JSON.

@@ -7,6 +7,8 @@ faster than the standard library's zlib, and returned in native byte order.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,20 @@ from nibabel.openers import ImageOpener
 from liverpipe.errors import InvalidScanError
 from liverpipe.settings import CheckConfig
 
-__all__ = ["NIFTI_SUFFIXES", "NiftiInfo", "case_id_of", "is_nifti", "read_header", "read_voxels"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "NiftiInfo",
+    "case_id_of",
+    "file_sha256",
+    "is_nifti",
+    "read_header",
+    "read_voxels",
+    "read_voxels_hashed",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _GZIP_MAGIC = b"\x1f\x8b"
+_GUNZIP_PIECE = 16 << 20
 
 
 def is_nifti(path: Path) -> bool:
@@ -89,34 +101,79 @@ def read_voxels(info: NiftiInfo) -> np.ndarray:
     """Read the voxel array on the file's (i, j, k) grid, native byte order.
 
     Integer data without scaling keep their dtype; scaled data (scl_slope/scl_inter) and
-    float data come back as float32. Never float64.
+    float data come back as float32. Never float64. Data are decompressed straight into
+    their final buffer, so peak memory is the compressed file plus the volume.
 
     Raises:
-        InvalidScanError: the gzip stream is truncated or corrupt.
+        InvalidScanError: the file is truncated or its gzip stream is corrupt.
     """
-    raw = _read_bytes(info)
+    return read_voxels_hashed(info)[0]
+
+
+def read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
+    """:func:`read_voxels` plus the sha256 of the file bytes that were decoded."""
     offset = _proxy_int(info.image, "offset")
-    count = int(np.prod(info.shape))
-    need = offset + count * info.disk_dtype.itemsize
-    if len(raw) < need:
+    need = offset + int(np.prod(info.shape)) * info.disk_dtype.itemsize
+    if info.path.name.endswith(".gz"):
+        blob = info.path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        buffer = np.empty(need, dtype=np.uint8)
+        got = _gunzip_into(info, blob, buffer.data)
+        del blob
+    else:  # read the whole file once: it is both hashed and decoded
+        buffer = np.empty(max(need, info.path.stat().st_size), dtype=np.uint8)
+        with info.path.open("rb") as fh:
+            got = fh.readinto(buffer.data)
+        digest = hashlib.sha256(buffer.data[:got]).hexdigest()
+    if got < need:
         raise InvalidScanError(
             info.path,
-            f"the file holds {len(raw)} bytes of data but the header needs {need}",
+            f"the file holds {got} bytes of header and data but the header needs {need}",
             "the file is truncated; download or export it again",
         )
-    flat = np.frombuffer(raw, dtype=info.disk_dtype, count=count, offset=offset)
-    data = flat.reshape(info.shape, order="F")
-    native = info.disk_dtype.newbyteorder("=")
+    data = buffer[offset:need].view(info.disk_dtype).reshape(info.shape, order="F")
+    return _scaled(info, data), digest
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in blocks."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _scaled(info: NiftiInfo, data: np.ndarray) -> np.ndarray:
+    """Apply scl_slope/scl_inter in float32; make the byte order native."""
     # A loaded nibabel image keeps scl_slope/scl_inter on its array proxy, not its header.
     slope, inter = _proxy_float(info.image, "slope"), _proxy_float(info.image, "inter")
     scaled = slope != 1.0 or inter != 0.0
-    if scaled or data.dtype.kind == "f":
+    if scaled or (data.dtype.kind == "f" and data.dtype != np.float32):
         out = data.astype(np.float32, order="F")
         if scaled:
             out *= np.float32(slope)
             out += np.float32(inter)
         return out
-    return data.astype(native, order="F", copy=not data.dtype.isnative or not data.flags.writeable)
+    if data.dtype.isnative:
+        return data
+    return data.astype(data.dtype.newbyteorder("="), order="F")
+
+
+def _gunzip_into(info: NiftiInfo, blob: bytes, out: memoryview) -> int:
+    """Decompress the gzip ``blob`` into ``out``; returns the bytes written."""
+    filled = 0
+    try:
+        with igzip.GzipFile(fileobj=io.BytesIO(blob)) as gz:
+            while filled < len(out):  # in pieces: readinto allocates a temporary of its size
+                n = gz.readinto(out[filled : filled + _GUNZIP_PIECE])
+                if not n:
+                    break
+                filled += n
+    except (EOFError, OSError, ValueError) as err:
+        raise InvalidScanError(
+            info.path,
+            f"the gzip stream is truncated or corrupt ({err})",
+            "download or export the file again; `gzip -t FILE` confirms the damage",
+        ) from err
+    return filled
 
 
 def _proxy_int(image: nib.Nifti1Image | nib.Nifti2Image, name: str) -> int:
@@ -228,17 +285,3 @@ def _check_plain_length(
             f"the file is {have} bytes but its header needs {need}",
             "the file is truncated; download or export it again",
         )
-
-
-def _read_bytes(info: NiftiInfo) -> bytes:
-    data = info.path.read_bytes()
-    if not info.path.name.endswith(".gz"):
-        return data
-    try:
-        return igzip.decompress(data)
-    except (EOFError, OSError, ValueError) as err:
-        raise InvalidScanError(
-            info.path,
-            f"the gzip stream is truncated or corrupt ({err})",
-            "download or export the file again; `gzip -t FILE` confirms the damage",
-        ) from err

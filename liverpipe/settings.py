@@ -15,11 +15,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from liverpipe.errors import ConfigError
 
-__all__ = ["CheckConfig", "Settings", "SynthConfig", "load_settings"]
+__all__ = [
+    "CheckConfig",
+    "PreprocessConfig",
+    "Settings",
+    "StoreConfig",
+    "SynthConfig",
+    "load_settings",
+]
 
 ENV_PREFIX = "LIVERPIPE_"
 
@@ -48,11 +55,80 @@ class SynthConfig(_Frozen):
     seed: int = Field(0, ge=0, description="Random seed; the same seed gives the same bytes.")
 
 
+class PreprocessConfig(_Frozen):
+    """How a scan becomes a stored case (``liverpipe preprocess``).
+
+    Every field is part of the config hash recorded with each case: changing any of
+    them reprocesses every case.
+    """
+
+    target_spacing: tuple[float, float, float] = Field(
+        (1.0, 1.0, 2.5), description="Voxel size (x, y, z) in mm of the stored grid."
+    )
+    slice_size: tuple[int, int] = Field(
+        (384, 384), description="In-plane size (Y, X) of stored slices, centred on the body."
+    )
+    image_interpolation: Literal["linear", "bspline"] = Field(
+        "linear", description="SimpleITK interpolator for CT intensities."
+    )
+    label_interpolation: Literal["label_linear", "nearest"] = Field(
+        "label_linear",
+        description="label_linear: one-hot linear (keeps small tumours, smooth borders); "
+        "nearest: nearest neighbour.",
+    )
+    body_threshold_hu: float = Field(-500.0, description="HU above which a voxel is body.")
+    normalization: Literal["window", "zscore"] = Field(
+        "window",
+        description="window: clip to hu_window and scale to [0, 1]; zscore: clip to the "
+        "dataset's foreground percentiles, then z-score (nnU-Net CT scheme).",
+    )
+    hu_window: tuple[float, float] = Field(
+        (-200.0, 250.0), description="HU window (low, high) for normalization='window'."
+    )
+    zscore_percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="Foreground percentiles used to clip before z-scoring."
+    )
+    storage_dtype: Literal["float16", "uint8"] = Field(
+        "float16", description="Stored image dtype; uint8 quantises the normalised range."
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="Train, val, test fractions, assigned by case-id hash."
+    )
+    split_salt: str = Field("liverpipe", description="Salt of the case-id hash for splits.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        if min(self.target_spacing) <= 0 or min(self.slice_size) < 8:
+            raise ValueError("target_spacing must be > 0 and slice_size at least 8")
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError("hu_window must be (low, high) with low < high")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError("split_fractions must be non-negative and sum to 1")
+        return self
+
+
+class StoreConfig(_Frozen):
+    """Runtime options of preprocessing runs; not part of the config hash."""
+
+    workers: int = Field(0, ge=0, description="Dask workers; 0 means one per CPU core.")
+    dask_address: str | None = Field(
+        None,
+        description="tcp://host:port of an existing Dask scheduler; None starts a LocalCluster.",
+    )
+    stale_lock_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Also treat a lock from another host as stale after this age (0: never).",
+    )
+
+
 class Settings(_Frozen):
     """All configuration sections. Each section is its own frozen model."""
 
     check: CheckConfig = CheckConfig()
     synth: SynthConfig = SynthConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    store: StoreConfig = StoreConfig()
 
     def config_hash(self, section: str) -> str:
         """sha256 of one section's canonical JSON, for provenance records."""

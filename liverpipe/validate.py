@@ -57,8 +57,8 @@ class CaseReport:
 
 def check_image_values(path: Path, data: np.ndarray) -> None:
     """Raise InvalidScanError when a float image holds NaN or infinite values."""
-    if data.dtype.kind != "f":
-        return
+    if data.dtype.kind != "f" or np.isfinite(data.sum(dtype=np.float64)):
+        return  # one pass, no temporary array; count only when something is wrong
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise InvalidScanError(
@@ -69,10 +69,19 @@ def check_image_values(path: Path, data: np.ndarray) -> None:
 
 
 def check_label_values(path: Path, data: np.ndarray) -> None:
-    """Raise LabelValueError unless every voxel is an integral value in {0, 1, 2}."""
+    """Raise LabelValueError unless every voxel is an integral value in {0, 1, 2}.
+
+    Runs over slabs of the last axis so that float labels never need a full-size
+    temporary (the volume is Fortran-ordered from NIfTI, so slabs are contiguous).
+    """
+    step = max(1, (1 << 22) // max(1, data[..., 0].size))
+    for k in range(0, data.shape[-1], step):
+        _check_label_slab(path, data[..., k : k + step])
+
+
+def _check_label_slab(path: Path, data: np.ndarray) -> None:
     if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        integral = finite & (np.floor(data) == data)
+        integral = np.isfinite(data) & (np.floor(data) == data)
         if not integral.all():
             odd = np.unique(data[~integral])[:5]
             raise LabelValueError(
@@ -81,8 +90,7 @@ def check_label_values(path: Path, data: np.ndarray) -> None:
                 "round the label map to 0/1/2 (it may have been resampled with linear "
                 "interpolation; use nearest neighbour)",
             )
-    lo, hi = data.min(), data.max()
-    if lo < 0 or hi > max(_VALID_LABELS):
+    if data.size and (data.min() < 0 or data.max() > max(_VALID_LABELS)):
         values = np.unique(data)
         extra = [f"{v:g}" for v in values if int(v) not in _VALID_LABELS][:8]
         raise LabelValueError(

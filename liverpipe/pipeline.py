@@ -1,0 +1,326 @@
+"""Incremental preprocessing of a dataset into a slice store.
+
+``plan`` decides, by content hash and config hash, which cases need work; ``run``
+executes them through any runner (Dask by default, a Prefect task runner in flows)
+and commits each result to the manifest as it arrives, so a killed run keeps its
+progress and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from liverpipe import __version__
+from liverpipe.dataset import CaseFiles, discover
+from liverpipe.ingest import (
+    HIST_LOW,
+    CaseJob,
+    CaseResult,
+    combine_hashes,
+    foreground_histogram,
+    ingest_case,
+)
+from liverpipe.nifti import file_sha256
+from liverpipe.preprocess import ZScoreStats
+from liverpipe.settings import PreprocessConfig, Settings
+from storage import SCHEMA_VERSION, ManifestEntry, SliceStore
+from storage.manifest import utc_now
+
+__all__ = [
+    "Plan",
+    "RunSummary",
+    "Runner",
+    "assign_split",
+    "effective_config_hash",
+    "plan",
+    "preprocess_dataset",
+    "serial_runner",
+]
+
+Split = Literal["train", "val", "test"]
+Runner = Callable[[Callable[[Any], Any], Sequence[Any], Sequence[str]], Iterator[tuple[Any, Any]]]
+
+
+def assign_split(case_id: str, fractions: tuple[float, float, float], salt: str) -> Split:
+    """Deterministic split from the case id alone: adding cases never moves old ones."""
+    digest = hashlib.sha256(f"{salt}:{case_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < fractions[0]:
+        return "train"
+    return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def effective_config_hash(config: PreprocessConfig, zscore: ZScoreStats | None) -> str:
+    """Hash of everything that shapes stored arrays: config, z-score stats, schema version."""
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "preprocess": config.model_dump(mode="json"),
+        "zscore": None if zscore is None else zscore.__dict__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def serial_runner(
+    fn: Callable[[Any], Any], items: Sequence[Any], keys: Sequence[str]
+) -> Iterator[tuple[Any, Any]]:
+    """Run in this process, in order (tests, debugging)."""
+    for item in items:
+        try:
+            yield item, fn(item)
+        except Exception as err:
+            yield item, err
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do. ``sources`` maps case id to its combined source hash."""
+
+    todo: list[CaseJob]
+    skipped: list[str]
+    invalid: list[CaseFiles]
+    missing: list[str]
+    unlabelled: list[str]
+    sources: dict[str, str]
+
+
+@dataclass
+class RunSummary:
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def cases_per_minute(self) -> float:
+        return 60.0 * len(self.processed) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processed": self.processed,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "missing_sources": self.missing,
+            "unlabelled_not_stored": self.unlabelled,
+            "recovered": self.recovered,
+            "seconds": round(self.seconds, 2),
+            "cases_per_minute": round(self.cases_per_minute, 2),
+        }
+
+
+def _source_hashes(cases: Sequence[CaseFiles], threads: int) -> dict[str, str]:
+    def one(case: CaseFiles) -> str:
+        assert case.image is not None
+        return combine_hashes(
+            file_sha256(case.image), file_sha256(case.label) if case.label else None
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return dict(zip((c.case_id for c in cases), pool.map(one, cases), strict=True))
+
+
+def plan(
+    data_dir: Path,
+    store_root: Path,
+    entries: Mapping[str, ManifestEntry],
+    config: PreprocessConfig,
+    config_hash: str,
+    zscore: ZScoreStats | None,
+    threads: int = 2,
+) -> Plan:
+    """Hash every source and compare with the manifest ``entries``: only new or changed
+    cases (or every case, after a config change) become jobs."""
+    index = discover(data_dir)
+    labelled = [
+        c for c in index.training if not c.problems and c.image is not None and c.label is not None
+    ]
+    # A stored case that lost its image or label is a missing source, not a failure.
+    incomplete = {c.case_id for c in index.training if c.image is None or c.label is None}
+    kept = {cid for cid in incomplete if cid in entries and entries[cid].status == "ok"}
+    invalid = [c for c in index.training if c.problems and c.case_id not in kept]
+    unlabelled = [c.case_id for c in index.cases if c.role == "test"]
+    sources = _source_hashes(labelled, threads)
+    todo, skipped = [], []
+    for case in labelled:
+        entry = entries.get(case.case_id)
+        current = (
+            entry is not None
+            and entry.status == "ok"
+            and entry.source_sha256 == sources[case.case_id]
+            and entry.config_hash == config_hash
+        )
+        if current:
+            skipped.append(case.case_id)
+        else:
+            assert case.image is not None
+            todo.append(
+                CaseJob(
+                    case.case_id, case.image, case.label, store_root, config, config_hash, zscore
+                )
+            )
+    seen = {c.case_id for c in index.training}
+    missing = sorted(cid for cid in entries if cid not in seen or cid in kept)
+    return Plan(todo, skipped, invalid, missing, unlabelled, sources)
+
+
+def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> ManifestEntry:
+    """The manifest record of a finished task (a task that raised is a failed case)."""
+    now = utc_now()
+    if isinstance(result, BaseException):
+        result = CaseResult(
+            job.case_id,
+            False,
+            source,
+            error=f"{job.image}: the task died ({type(result).__name__}: {result}). "
+            "Fix: rerun; if it repeats, check the worker's memory.",
+        )
+    return ManifestEntry(
+        case_id=job.case_id,
+        status="ok" if result.ok else "failed",
+        split=assign_split(job.case_id, job.config.split_fractions, job.config.split_salt),
+        source_sha256=result.source_sha256 or source,
+        config_hash=job.config_hash,
+        image=str(job.image),
+        label=str(job.label) if job.label else None,
+        created=now,
+        updated=now,
+        error=result.error,
+        shape=result.shape,
+    )
+
+
+def zscore_statistics(
+    jobs: Sequence[CaseJob], runner: Runner, percentiles: tuple[float, float]
+) -> ZScoreStats:
+    """Dataset foreground statistics from the train split's label > 0 voxels (as nnU-Net)."""
+    total = np.zeros(4096, dtype=np.int64)
+    for _, hist in runner(foreground_histogram, jobs, [f"hist-{j.case_id}" for j in jobs]):
+        if isinstance(hist, np.ndarray):
+            total += hist
+    if total.sum() == 0:
+        raise ValueError("no labelled foreground voxels to compute z-score statistics from")
+    values = np.arange(total.size) + HIST_LOW
+    cdf = np.cumsum(total) / total.sum()
+    low, high = (float(values[np.searchsorted(cdf, p / 100)]) for p in percentiles)
+    clipped = np.clip(values, low, high)
+    mean = float((clipped * total).sum() / total.sum())
+    std = float(np.sqrt(((clipped - mean) ** 2 * total).sum() / total.sum()))
+    return ZScoreStats(low, high, mean, max(std, 1e-3))
+
+
+def preprocess_dataset(
+    data_dir: Path,
+    store_path: Path,
+    settings: Settings,
+    runner: Runner,
+    on_result: Callable[[str, bool], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> RunSummary:
+    """Bring the store up to date with ``data_dir``; see the module docstring."""
+    start = time.perf_counter()
+    cfg = settings.preprocess
+    summary = RunSummary()
+    zscore = _existing_zscore(store_path, cfg) if cfg.normalization == "zscore" else None
+    if cfg.normalization == "zscore" and zscore is None:
+        probe = plan(data_dir, store_path, {}, cfg, "", None)
+        train = [
+            j
+            for j in probe.todo
+            if assign_split(j.case_id, cfg.split_fractions, cfg.split_salt) == "train"
+        ]
+        zscore = zscore_statistics(train or probe.todo, runner, cfg.zscore_percentiles)
+    config_hash = effective_config_hash(cfg, zscore)
+    config_record = {
+        "preprocess": cfg.model_dump(mode="json"),
+        "zscore": None if zscore is None else zscore.__dict__,
+    }
+    store = SliceStore.open_or_create(store_path, config_hash, config_record, __version__)
+    with store.lock(settings.store.stale_lock_seconds):
+        summary.recovered = store.recover()
+        store.reload()
+        if store.meta.config_hash != config_hash:
+            store.set_config(config_hash, config_record)
+        work = plan(
+            data_dir, store.root, store.manifest.entries, cfg, config_hash, zscore, threads=2
+        )
+        if on_plan:
+            on_plan(work)
+        summary.skipped, summary.unlabelled = work.skipped, work.unlabelled
+        _record_invalid(store, work, cfg, config_hash, summary)
+        _record_missing(store, work, summary)
+        for job, result in runner(
+            ingest_case, work.todo, [f"ingest-{j.case_id}" for j in work.todo]
+        ):
+            entry = _entry(job, result, work.sources[job.case_id])
+            store.commit(entry)
+            if entry.status == "ok":
+                summary.processed.append(job.case_id)
+            else:
+                summary.failed[job.case_id] = entry.error or "failed"
+            if on_result:
+                on_result(job.case_id, entry.status == "ok")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _record_invalid(
+    store: SliceStore, work: Plan, cfg: PreprocessConfig, config_hash: str, summary: RunSummary
+) -> None:
+    for case in work.invalid:
+        now = utc_now()
+        error = " ".join(case.problems)
+        split = assign_split(case.case_id, cfg.split_fractions, cfg.split_salt)
+        image = str(case.image) if case.image else ""
+        store.commit(
+            ManifestEntry(
+                case.case_id,
+                "failed",
+                split,
+                "",
+                config_hash,
+                image,
+                str(case.label) if case.label else None,
+                now,
+                now,
+                error,
+            )
+        )
+        summary.failed[case.case_id] = error
+
+
+def _record_missing(store: SliceStore, work: Plan, summary: RunSummary) -> None:
+    for case_id in work.missing:
+        entry = store.manifest.entries[case_id]
+        if not entry.source_missing:
+            store.commit(replace(entry, source_missing=True, updated=utc_now()))
+    for case_id, entry in list(store.manifest.entries.items()):
+        if entry.source_missing and case_id not in work.missing:
+            store.commit(replace(entry, source_missing=False, updated=utc_now()))
+    summary.missing = work.missing
+
+
+def _existing_zscore(store_path: Path, cfg: PreprocessConfig) -> ZScoreStats | None:
+    """Reuse the store's z-score statistics when its preprocessing config is unchanged."""
+    try:
+        meta = SliceStore.open(store_path).meta
+    except Exception:
+        return None
+    record = meta.config
+    if record.get("preprocess") != cfg.model_dump(mode="json") or not record.get("zscore"):
+        return None
+    return ZScoreStats(**record["zscore"])

@@ -1,0 +1,333 @@
+"""Per-case preprocessing kernels: pure, typed, no Prefect, Dask or store paths.
+
+Order: canonical orientation, resampling to the target spacing, in-plane crop/pad
+centred on the body, CT normalisation, storage encoding. Orientation, resampling and
+crop/pad are one SimpleITK ``Resample`` onto the stored grid (:func:`stored_grid`),
+so a voxel is interpolated once and the file's voxels are never reordered in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+from nibabel.orientations import apply_orientation
+
+from liverpipe.geometry import CanonicalGeometry
+from liverpipe.labels import Label
+from liverpipe.settings import PreprocessConfig
+
+__all__ = [
+    "Grid",
+    "ZScoreStats",
+    "body_centre",
+    "canonical_view",
+    "encode",
+    "hu_statistics",
+    "normalize_ct",
+    "resample_image",
+    "resample_label",
+    "resample_to_grid",
+    "slice_counts",
+    "stored_grid",
+]
+
+_INTERPOLATORS = {
+    "linear": sitk.sitkLinear,
+    "bspline": sitk.sitkBSpline,
+    "nearest": sitk.sitkNearestNeighbor,
+}
+AIR_HU = -1024.0
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A stored (Z, Y, X) grid: ``affine`` maps (x, y, z) indices to RAS+ mm.
+
+    ``crop_offset`` is the (z, y, x) index of stored voxel (0, 0, 0) on the uncropped,
+    extent-aligned resampled grid; negative values mean padding.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    crop_offset: tuple[int, int, int]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ZScoreStats:
+    """Dataset-level foreground intensity statistics (nnU-Net's CT normalisation)."""
+
+    low: float
+    high: float
+    mean: float
+    std: float
+
+
+def body_centre(canonical: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """Canonical (x, y) index of the body's in-plane bounding-box centre.
+
+    The body is the largest 3D connected component above ``threshold_hu`` on a
+    subsampled copy (every 2nd slice, every 4th row and column) of the (Z, Y, X)
+    array. Returns the image centre when nothing exceeds the threshold.
+    """
+    steps = np.array([2, 4, 4])
+    coarse = np.ascontiguousarray(canonical[:: steps[0], :: steps[1], :: steps[2]] > threshold_hu)
+    _, y_size, x_size = canonical.shape
+    if not coarse.any():
+        return np.array([(x_size - 1) / 2, (y_size - 1) / 2])
+    body = cc3d.largest_k(coarse, k=1, connectivity=6) > 0
+    zyx = np.argwhere(body)
+    lo, hi = zyx.min(axis=0) * steps, zyx.max(axis=0) * steps
+    return np.array([(lo[2] + hi[2]) / 2, (lo[1] + hi[1]) / 2])
+
+
+def canonical_view(data: np.ndarray, geometry: CanonicalGeometry) -> np.ndarray:
+    """The (Z, Y, X) canonical view of a file-order (i, j, k) array, without copying."""
+    return apply_orientation(data, geometry.ornt).transpose(2, 1, 0)
+
+
+def stored_grid(
+    geometry: CanonicalGeometry, centre_xy: np.ndarray, config: PreprocessConfig
+) -> Grid:
+    """The stored grid: target spacing, full z extent, ``slice_size`` centred on the body.
+
+    Extents are aligned (the resampled volume covers exactly the scan's extent); the
+    in-plane crop offset is rounded to whole target voxels so that cropping is exactly
+    invertible on the resampled grid.
+    """
+    canon = geometry.canonical_affine
+    source_spacing = np.linalg.norm(canon[:3, :3], axis=0)  # (x, y, z)
+    ratio = np.asarray(config.target_spacing) / source_spacing
+    z_src, _, _ = geometry.canonical_shape
+    nz = max(1, round(z_src / ratio[2]))
+    ny, nx = config.slice_size
+    aligned = -0.5 + 0.5 * ratio  # continuous source index of resampled voxel 0 (per axis)
+    offset_x = round((centre_xy[0] - aligned[0]) / ratio[0] - (nx - 1) / 2)
+    offset_y = round((centre_xy[1] - aligned[1]) / ratio[1] - (ny - 1) / 2)
+    start = aligned + np.array([offset_x, offset_y, 0]) * ratio
+    step = np.eye(4)
+    step[:3, :3] = np.diag(ratio)
+    step[:3, 3] = start
+    return Grid((nz, ny, nx), canon @ step, (0, offset_y, offset_x))
+
+
+def resample_to_grid(
+    canonical: np.ndarray, affine: np.ndarray, grid: Grid, interpolation: str, default: float
+) -> np.ndarray:
+    """Resample a canonical (Z, Y, X) volume with affine ``affine`` onto ``grid``.
+
+    Returns float32 for "linear"/"bspline" and the input's integer type for "nearest".
+    Feeding the canonical array (not the file's order) makes any storage order of the
+    same voxels give bit-identical results. SimpleITK only needs the RAS+ frame to be
+    one consistent frame for source and target.
+    """
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    source = sitk.GetImageFromArray(np.ascontiguousarray(canonical))
+    source.SetSpacing(spacing.tolist())
+    source.SetOrigin(affine[:3, 3].tolist())
+    source.SetDirection((affine[:3, :3] / spacing).ravel().tolist())
+    out_spacing = np.linalg.norm(grid.affine[:3, :3], axis=0)
+    pixel = source.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32
+    result = sitk.Resample(
+        source,
+        [grid.shape[2], grid.shape[1], grid.shape[0]],
+        sitk.Transform(),
+        _INTERPOLATORS[interpolation],
+        grid.affine[:3, 3].tolist(),
+        out_spacing.tolist(),
+        (grid.affine[:3, :3] / out_spacing).ravel().tolist(),
+        default,
+        pixel,
+    )
+    return sitk.GetArrayFromImage(result)
+
+
+def resample_image(
+    canonical: np.ndarray, affine: np.ndarray, grid: Grid, interpolation: str, slab: int = 16
+) -> np.ndarray:
+    """Resample a canonical (Z, Y, X) image onto ``grid`` in slabs of output slices; float32.
+
+    Each slab reads only the source slices it needs (plus an interpolation margin) from
+    ``canonical``, which may be a strided view: the whole volume is never copied, which
+    bounds memory to the decoded volume plus one slab. For linear interpolation the result
+    equals a single full resample; B-spline prefiltering sees a 6-slice margin.
+    """
+    out = np.empty(grid.shape, dtype=np.float32)
+    to_source = np.linalg.inv(affine) @ grid.affine  # stored (x, y, z, 1) -> source index
+    margin = 2 if interpolation == "linear" else 6
+    depth = canonical.shape[0]
+    for z0 in range(0, grid.shape[0], slab):
+        z1 = min(z0 + slab, grid.shape[0])
+        corners = np.array(
+            [
+                [x, y, z, 1.0]
+                for x, y, z in product((0, grid.shape[2] - 1), (0, grid.shape[1] - 1), (z0, z1 - 1))
+            ]
+        )
+        source_z = (corners @ to_source.T)[:, 2]
+        s0 = int(np.clip(np.floor(source_z.min()) - margin, 0, depth - 1))
+        s1 = int(np.clip(np.ceil(source_z.max()) + margin + 1, s0 + 1, depth))
+        shift_out, shift_in = np.eye(4), np.eye(4)
+        shift_out[2, 3], shift_in[2, 3] = z0, s0
+        sub = Grid((z1 - z0, grid.shape[1], grid.shape[2]), grid.affine @ shift_out, (0, 0, 0))
+        out[z0:z1] = resample_to_grid(
+            canonical[s0:s1], affine @ shift_in, sub, interpolation, AIR_HU
+        )
+    return out
+
+
+def resample_label(
+    canonical: np.ndarray, affine: np.ndarray, grid: Grid, interpolation: str
+) -> np.ndarray:
+    """Resample a canonical (Z, Y, X) label map onto ``grid``; uint8 out.
+
+    "label_linear" is one-hot linear interpolation on the nested masks liver (label >= 1)
+    and tumour (label == 2): each mask is interpolated linearly and kept where it
+    reaches 0.5, so a tumour keeps every stored voxel that it covers at least half of,
+    however the grids align, and tumour stays inside liver. "nearest" is nearest
+    neighbour. Each mask is resampled only within its bounding box (everything outside
+    is background), which makes labels several times cheaper than the image.
+    """
+    labels = np.ascontiguousarray(canonical, dtype=np.uint8)
+    out = np.zeros(grid.shape, dtype=np.uint8)
+    if interpolation == "nearest":
+        _resample_in_box(labels, labels > 0, affine, grid, out, "nearest", lambda v: v)
+        return out
+    liver, tumour = labels >= Label.LIVER, labels == Label.TUMOUR
+    del labels
+    _resample_in_box(
+        liver.view(np.uint8), liver, affine, grid, out, "linear", lambda v: (v >= 0.5) * Label.LIVER
+    )
+    del liver
+    tumour_out = np.zeros(grid.shape, dtype=np.uint8)
+    _resample_in_box(
+        tumour.view(np.uint8), tumour, affine, grid, tumour_out, "linear", lambda v: v >= 0.5
+    )
+    out[tumour_out > 0] = Label.TUMOUR
+    return out
+
+
+def _resample_in_box(
+    values: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    grid: Grid,
+    out: np.ndarray,
+    interpolation: str,
+    encode_values: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """Resample ``values`` where ``mask`` has support, onto the matching part of ``grid``."""
+    box = _support(mask, margin=2)
+    if box is None:
+        return
+    lo = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)  # (x, y, z)
+    hi = np.array([box[2].stop, box[1].stop, box[0].stop], dtype=np.float64) - 1
+    corners = np.array(
+        [[c[0], c[1], c[2], 1.0] for c in product(*zip(lo - 0.5, hi + 0.5, strict=True))]
+    )
+    to_grid = np.linalg.inv(grid.affine) @ affine
+    idx = corners @ to_grid.T
+    start = np.clip(np.floor(idx[:, :3].min(axis=0)).astype(int), 0, None)  # (x, y, z)
+    stop = np.minimum(np.ceil(idx[:, :3].max(axis=0)).astype(int) + 1, grid.shape[::-1])
+    if (stop <= start).any():
+        return
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    sub_grid = Grid(tuple(int(v) for v in (stop - start)[::-1]), grid.affine @ shift, (0, 0, 0))  # type: ignore[arg-type]
+    source_shift = np.eye(4)
+    source_shift[:3, 3] = lo
+    resampled = resample_to_grid(values[box], affine @ source_shift, sub_grid, interpolation, 0)
+    out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = encode_values(resampled)
+
+
+def _support(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``."""
+    slices = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        slices.append(
+            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, mask.shape[axis]))
+        )
+    return slices[0], slices[1], slices[2]
+
+
+def normalize_ct(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip (Z, Y, X) HU to ``window`` and scale to [0, 1]; float32, in place when possible."""
+    low, high = window
+    out = hu if hu.dtype == np.float32 else hu.astype(np.float32)
+    np.clip(out, low, high, out=out)
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return out
+
+
+def zscore_ct(hu: np.ndarray, stats: ZScoreStats) -> np.ndarray:
+    """Clip HU to the dataset's foreground percentiles, then z-score; float32."""
+    out = hu if hu.dtype == np.float32 else hu.astype(np.float32)
+    np.clip(out, stats.low, stats.high, out=out)
+    out -= np.float32(stats.mean)
+    out *= np.float32(1.0 / stats.std)
+    return out
+
+
+def encode(
+    normalised: np.ndarray, dtype: str, value_range: tuple[float, float]
+) -> tuple[np.ndarray, float, float]:
+    """Encode normalised values for storage; returns (array, scale, offset).
+
+    ``normalised == stored * scale + offset``: exact up to float16 rounding for
+    ``"float16"``; ``"uint8"`` quantises ``value_range`` into 255 steps.
+    """
+    if dtype == "float16":
+        return normalised.astype(np.float16), 1.0, 0.0
+    low, high = value_range
+    scale = (high - low) / 255.0
+    quantised = np.rint((normalised - low) / scale)
+    return np.clip(quantised, 0, 255).astype(np.uint8), scale, low
+
+
+def slice_counts(label: np.ndarray) -> dict[str, list[int]]:
+    """Voxels of label 1 (liver) and 2 (tumour) per axial slice of a (Z, Y, X) label."""
+    return {
+        "liver": (label == Label.LIVER).sum(axis=(1, 2)).astype(int).tolist(),
+        "tumour": (label == Label.TUMOUR).sum(axis=(1, 2)).astype(int).tolist(),
+    }
+
+
+def hu_statistics(
+    hu: np.ndarray, label: np.ndarray | None, body_threshold: float
+) -> dict[str, float]:
+    """HU mean, std and percentiles inside the body and inside the liver (labels 1 and 2)."""
+    rng = np.random.default_rng(0)
+    stats: dict[str, float] = {}
+    regions = {"body": hu > body_threshold}
+    if label is not None:
+        regions["liver"] = label > 0
+    for name, mask in regions.items():
+        values = hu[mask]
+        if values.size == 0:
+            continue
+        sample = values if values.size <= 200_000 else values[rng.integers(0, values.size, 200_000)]
+        p005, p50, p995 = np.percentile(sample, [0.5, 50, 99.5])
+        stats.update(
+            {
+                f"{name}_voxels": float(values.size),
+                f"{name}_mean": float(values.mean(dtype=np.float64)),
+                f"{name}_std": float(values.std(dtype=np.float64)),
+                f"{name}_p0.5": float(p005),
+                f"{name}_median": float(p50),
+                f"{name}_p99.5": float(p995),
+            }
+        )
+    return stats

@@ -1,0 +1,266 @@
+"""Preprocessing into the store: geometry on real CT, orientation invariance, small
+tumours, incremental reruns, bad cases, quantisation error and z-score mode."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO, write_nifti
+
+from liverpipe.geometry import world_of_indices
+from liverpipe.nifti import read_header, read_voxels
+from liverpipe.pipeline import assign_split, preprocess_dataset, serial_runner
+from liverpipe.settings import Settings, load_settings
+from storage import SliceStore
+
+TINY = REPO / "configs" / "tiny.toml"
+
+
+def _settings(**preprocess: object) -> Settings:
+    return load_settings(TINY, {"preprocess": preprocess})
+
+
+def _real_dataset(root: Path, real_ct: tuple[Path, Path], orientation: str | None = None) -> Path:
+    ct, liver = (nib.load(p) for p in real_ct)
+    for sub, source in (("imagesTr", ct), ("labelsTr", liver)):
+        image = source
+        if orientation is not None:
+            target = nib.orientations.axcodes2ornt(tuple(orientation))
+            image = source.as_reoriented(
+                nib.orientations.ornt_transform(
+                    nib.orientations.io_orientation(image.affine), target
+                )
+            )
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        nib.save(image, root / sub / "realct.nii.gz")
+    return root
+
+
+def test_real_ct_volume_and_centroid_survive_preprocessing(
+    tmp_path: Path, real_ct: tuple[Path, Path]
+) -> None:
+    data = _real_dataset(tmp_path / "data", real_ct)
+    settings = _settings(target_spacing=(1.0, 1.0, 2.5), slice_size=(384, 384))
+    summary = preprocess_dataset(data, tmp_path / "s.zarr", settings, serial_runner)
+    assert summary.processed == ["realct"] and summary.ok
+    case = SliceStore.open(tmp_path / "s.zarr").case("realct")
+    _, label = case.load()
+    mask_info = read_header(real_ct[1])
+    mask = read_voxels(mask_info) > 0
+    source_mm3 = mask.sum() * np.prod(mask_info.spacing)
+    stored_mm3 = (label > 0).sum() * np.prod(case.meta.spacing)
+    assert abs(stored_mm3 / source_mm3 - 1) < 0.03
+    source_centroid = world_of_indices(mask_info.affine, np.argwhere(mask).mean(axis=0))
+    stored_centroid = world_of_indices(
+        case.meta.affine_array, np.argwhere(label > 0).mean(axis=0)[::-1]
+    )
+    assert np.linalg.norm(source_centroid - stored_centroid) < 0.5 * max(case.meta.spacing)
+    # Intensities: the stored liver is soft tissue (window -200..250 -> ~0.55 for 46 HU).
+    image, _ = case.load()
+    liver_hu = (
+        np.median(image[label > 0].astype(np.float32)) * case.meta.intensity.hu_scale
+        + case.meta.intensity.hu_offset
+    )
+    assert 30 < liver_hu < 65
+    assert case.meta.shape == (36, 384, 384)
+
+
+def test_lps_copy_gives_identical_store(tmp_path: Path, real_ct: tuple[Path, Path]) -> None:
+    stores = {}
+    for code in ("RAS", "LPS", "PIL"):
+        data = _real_dataset(tmp_path / code, real_ct, code)
+        assert (
+            "".join(nib.aff2axcodes(nib.load(data / "imagesTr" / "realct.nii.gz").affine)) == code
+        )
+        preprocess_dataset(data, tmp_path / f"{code}.zarr", _settings(), serial_runner)
+        stores[code] = SliceStore.open(tmp_path / f"{code}.zarr").case("realct")
+    ref_image, ref_label = stores["RAS"].load()
+    for code in ("LPS", "PIL"):
+        image, label = stores[code].load()
+        np.testing.assert_array_equal(image, ref_image)
+        np.testing.assert_array_equal(label, ref_label)
+        np.testing.assert_allclose(
+            stores[code].meta.affine_array, stores["RAS"].meta.affine_array, atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("interpolation", ["label_linear", "nearest"])
+def test_a_5mm_tumour_survives_resampling(tmp_path: Path, interpolation: str) -> None:
+    spacing = np.array([0.7, 0.7, 0.8])
+    shape = (160, 160, 120)
+    grid = np.stack(
+        np.meshgrid(
+            *[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"
+        ),
+        -1,
+    )
+    centre = np.array(shape) * spacing / 2 + np.array([3.3, -2.1, 1.7])  # off the target grid
+    distance = np.linalg.norm(grid - centre, axis=-1)
+    label = np.where(distance < 30, 1, 0).astype(np.uint8)
+    label[distance < 2.5] = 2  # a 5 mm tumour
+    image = np.where(label > 0, 60, -100).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    write_nifti(tmp_path / "d" / "imagesTr" / "t.nii.gz", image, affine)
+    write_nifti(tmp_path / "d" / "labelsTr" / "t.nii.gz", label, affine)
+    settings = _settings(
+        target_spacing=(1.0, 1.0, 2.5), slice_size=(128, 128), label_interpolation=interpolation
+    )
+    preprocess_dataset(tmp_path / "d", tmp_path / "s.zarr", settings, serial_runner)
+    case = SliceStore.open(tmp_path / "s.zarr").case("t")
+    _, stored = case.load()
+    tumour_mm3 = (stored == 2).sum() * np.prod(case.meta.spacing)
+    sphere_mm3 = 4 / 3 * np.pi * 2.5**3
+    assert tumour_mm3 > 0.4 * sphere_mm3, (
+        f"{interpolation}: {tumour_mm3:.0f} of {sphere_mm3:.0f} mm3 kept"
+    )
+    assert sum(case.meta.slice_counts["tumour"]) == (stored == 2).sum()
+
+
+def test_incremental_reruns(tmp_path: Path, phantom_dir: Path) -> None:
+    data = Path(shutil.copytree(phantom_dir, tmp_path / "data"))
+    store_path = tmp_path / "s.zarr"
+    first = preprocess_dataset(data, store_path, _settings(), serial_runner)
+    assert len(first.processed) == 4 and first.skipped == []
+    second = preprocess_dataset(data, store_path, _settings(), serial_runner)
+    assert second.processed == [] and len(second.skipped) == 4
+    # Change one label's content (same path, same size): only that case reruns.
+    label_path = sorted((data / "labelsTr").iterdir())[1]
+    info = read_header(label_path)
+    changed = read_voxels(info).copy()
+    changed[changed.shape[0] // 2, changed.shape[1] // 2, :] = 0
+    image = nib.Nifti1Image(changed.astype(info.disk_dtype), info.affine, info.header)
+    nib.save(image, label_path)
+    third = preprocess_dataset(data, store_path, _settings(), serial_runner)
+    assert third.processed == [label_path.name.split(".")[0]] and len(third.skipped) == 3
+    # A config change reprocesses everything.
+    fourth = preprocess_dataset(
+        data, store_path, _settings(hu_window=(-150.0, 250.0)), serial_runner
+    )
+    assert len(fourth.processed) == 4
+    # A vanished source stays in the store and is reported, never deleted.
+    gone = sorted((data / "imagesTr").iterdir())[0]
+    gone_id = gone.name.split(".")[0]
+    gone.unlink()
+    (data / "dataset.json").unlink()
+    fifth = preprocess_dataset(
+        data, store_path, _settings(hu_window=(-150.0, 250.0)), serial_runner
+    )
+    assert gone_id in fifth.missing
+    store = SliceStore.open(store_path)
+    assert gone_id in store.cases() and store.manifest.entries[gone_id].source_missing
+    assert store.case(gone_id).load()[0].size > 0
+
+
+def test_bad_cases_are_recorded_and_good_ones_stored(tmp_path: Path, phantom_dir: Path) -> None:
+    data = Path(shutil.copytree(phantom_dir, tmp_path / "data"))
+    (data / "dataset.json").unlink()
+    write_nifti(data / "imagesTr" / "badlabel.nii.gz", np.zeros((8, 8, 8), np.int16))
+    write_nifti(data / "labelsTr" / "badlabel.nii.gz", np.full((8, 8, 8), 7, np.uint8))
+    write_nifti(data / "imagesTr" / "nolabel.nii.gz", np.zeros((8, 8, 8), np.int16))
+    summary = preprocess_dataset(data, tmp_path / "s.zarr", _settings(), serial_runner)
+    assert not summary.ok and len(summary.processed) == 4
+    assert "found 7" in summary.failed["badlabel"] and "Fix:" in summary.failed["badlabel"]
+    assert "without a label" in summary.failed["nolabel"]
+    store = SliceStore.open(tmp_path / "s.zarr")
+    assert len(store.cases()) == 4
+    entries = store.manifest.entries
+    assert entries["badlabel"].status == "failed" and "found 7" in (entries["badlabel"].error or "")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound_hu"), [("float16", 0.25), ("uint8", 450 / 255 / 2 + 1e-3)]
+)
+def test_storage_dtype_error_is_bounded(phantom_dir: Path, dtype: str, bound_hu: float) -> None:
+    """Decoding a stored image gives the windowed HU back within half a quantisation step."""
+    from liverpipe.geometry import CanonicalGeometry
+    from liverpipe.preprocess import (
+        AIR_HU,
+        body_centre,
+        canonical_view,
+        encode,
+        normalize_ct,
+        resample_to_grid,
+        stored_grid,
+    )
+
+    cfg = _settings(storage_dtype=dtype).preprocess
+    info = read_header(sorted((phantom_dir / "imagesTr").iterdir())[0])
+    geometry = CanonicalGeometry.of(info.shape, info.affine)
+    canonical = canonical_view(read_voxels(info), geometry)
+    grid = stored_grid(geometry, body_centre(canonical, cfg.body_threshold_hu), cfg)
+    hu = resample_to_grid(canonical, geometry.canonical_affine, grid, "linear", AIR_HU)
+    reference = np.clip(hu, -200.0, 250.0).astype(np.float64)
+    stored, scale, offset = encode(normalize_ct(hu.copy(), cfg.hu_window), dtype, (0.0, 1.0))
+    assert stored.dtype == np.dtype(dtype)
+    decoded = (stored.astype(np.float64) * scale + offset) * 450.0 - 200.0
+    assert np.abs(decoded - reference).max() <= bound_hu
+
+
+def test_zscore_normalisation_uses_train_foreground_statistics(
+    tmp_path: Path, phantom_dir: Path
+) -> None:
+    settings = _settings(normalization="zscore")
+    store_path = tmp_path / "s.zarr"
+    preprocess_dataset(phantom_dir, store_path, settings, serial_runner)
+    store = SliceStore.open(store_path)
+    stats = store.meta.config["zscore"]
+    assert 40 < stats["mean"] < 75 and stats["low"] < stats["mean"] < stats["high"]
+    image, label = store.case(store.cases()[0]).load()
+    liver = image[label == 1].astype(np.float32)
+    assert abs(float(np.median(liver))) < 1.0  # liver sits near the foreground mean
+    again = preprocess_dataset(phantom_dir, store_path, settings, serial_runner)
+    assert again.processed == []  # stats reused, config hash unchanged
+
+
+def test_split_is_deterministic_and_near_the_fractions() -> None:
+    ids = [f"liver_{i}" for i in range(2000)]
+    splits = [assign_split(c, (0.7, 0.15, 0.15), "liverpipe") for c in ids]
+    assert splits == [assign_split(c, (0.7, 0.15, 0.15), "liverpipe") for c in ids]
+    share = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.7) < 0.03 and abs(share["val"] - 0.15) < 0.03
+
+
+def test_label_resampling_in_the_bounding_box_equals_the_full_grid(phantom_dir: Path) -> None:
+    """Resampling each mask only around its support gives the full-grid result exactly."""
+    from liverpipe.geometry import CanonicalGeometry
+    from liverpipe.preprocess import (
+        body_centre,
+        canonical_view,
+        resample_label,
+        resample_to_grid,
+        stored_grid,
+    )
+
+    cfg = _settings(target_spacing=(2.0, 2.0, 3.0), slice_size=(128, 128)).preprocess
+    for image_path in sorted((phantom_dir / "imagesTr").iterdir())[:2]:
+        info = read_header(image_path)
+        geometry = CanonicalGeometry.of(info.shape, info.affine)
+        grid = stored_grid(
+            geometry, body_centre(canonical_view(read_voxels(info), geometry), -500), cfg
+        )
+        labels = np.ascontiguousarray(
+            canonical_view(
+                read_voxels(read_header(phantom_dir / "labelsTr" / image_path.name)), geometry
+            ),
+            dtype=np.uint8,
+        )
+        fast = resample_label(labels, geometry.canonical_affine, grid, "label_linear")
+        liver = (
+            resample_to_grid(
+                (labels >= 1).astype(np.uint8), geometry.canonical_affine, grid, "linear", 0
+            )
+            >= 0.5
+        )
+        tumour = (
+            resample_to_grid(
+                (labels == 2).astype(np.uint8), geometry.canonical_affine, grid, "linear", 0
+            )
+            >= 0.5
+        )
+        reference = np.where(tumour, 2, np.where(liver, 1, 0)).astype(np.uint8)
+        assert (fast == reference).mean() > 0.99999
+        assert (fast > 0).sum() > 1000

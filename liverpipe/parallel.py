@@ -8,21 +8,18 @@ A task that raises (or whose worker died) yields the exception instead of a resu
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
 from distributed import Client, LocalCluster, as_completed
 
-__all__ = ["dask_client", "dask_map", "default_workers"]
+from liverpipe._system import available_cpus
+
+__all__ = ["dask_client", "dask_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
@@ -34,7 +31,7 @@ def dask_client(workers: int = 0, address: str | None = None) -> Iterator[Client
         return
     with (
         LocalCluster(
-            n_workers=workers or default_workers(),
+            n_workers=workers or available_cpus(),
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",

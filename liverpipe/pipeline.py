@@ -20,7 +20,9 @@ from typing import Any, Literal
 import numpy as np
 
 from liverpipe import __version__
+from liverpipe._system import available_cpus
 from liverpipe.dataset import CaseFiles, discover
+from liverpipe.errors import LiverpipeError
 from liverpipe.ingest import (
     HIST_LOW,
     CaseJob,
@@ -256,7 +258,13 @@ def preprocess_dataset(
         if store.meta.config_hash != config_hash:
             store.set_config(config_hash, config_record)
         work = plan(
-            data_dir, store.root, store.manifest.entries, cfg, config_hash, zscore, threads=2
+            data_dir,
+            store.root,
+            store.manifest.entries,
+            cfg,
+            config_hash,
+            zscore,
+            threads=available_cpus(),
         )
         if on_plan:
             on_plan(work)
@@ -318,7 +326,7 @@ def _existing_zscore(store_path: Path, cfg: PreprocessConfig) -> ZScoreStats | N
     """Reuse the store's z-score statistics when its preprocessing config is unchanged."""
     try:
         meta = SliceStore.open(store_path).meta
-    except Exception:
+    except LiverpipeError:  # no store yet, or one this version cannot read
         return None
     record = meta.config
     if record.get("preprocess") != cfg.model_dump(mode="json") or not record.get("zscore"):

@@ -6,7 +6,6 @@ Every problem becomes one sentence naming the file, what is wrong and the fix.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from liverpipe._system import available_cpus
 from liverpipe.dataset import CaseFiles, DatasetIndex
 from liverpipe.errors import (
     GeometryMismatchError,
@@ -150,7 +150,7 @@ def check_case(case: CaseFiles, limits: CheckConfig | None = None) -> CaseReport
 def check_dataset(index: DatasetIndex, limits: CheckConfig | None = None) -> Iterator[CaseReport]:
     """Check every case with a thread pool (decompression releases the GIL); yields in order."""
     limits = limits or CheckConfig()
-    workers = limits.workers or _cpu_count()
+    workers = limits.workers or available_cpus()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(lambda c: check_case(c, limits), index.cases)
 
@@ -162,7 +162,3 @@ def _guard(errors: list[str], step: Callable[..., T], *args: Any) -> T | None:
     except LiverpipeError as err:
         errors.append(str(err))
         return None
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -254,6 +254,56 @@ def store_info(
     Console().print(table)
 
 
+@app.command("train")
+def train_cmd(
+    store: Annotated[
+        Path, typer.Option("--store", "-s", help="Slice store made by `liverpipe preprocess`.")
+    ],
+    model: Annotated[str | None, typer.Option(help="unetplusplus, manet or deeplabv3plus.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Run folder: last.pt, best.pt, config.json, history.jsonl."
+        ),
+    ] = Path("runs/model"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue exactly from OUT/last.pt.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train one model on the store's train split, validating on its val split.
+
+    Example: liverpipe train --store stores/liver.zarr --model manet --out runs/manet --config configs/tiny.toml
+    """
+    from liverpipe.train import train
+
+    settings = _settings(config, train={"model": model, "steps": steps, "batch_size": batch_size})
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(
+            f"training {settings.train.model}", total=settings.train.steps, loss=float("nan")
+        )
+        result = train(
+            store,
+            out,
+            settings,
+            resume,
+            on_step=lambda s, loss: bar.update(task, completed=s, loss=loss),
+        )
+    typer.echo(
+        f"trained {settings.train.model} for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
+    )
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved configuration (defaults, file, LIVERPIPE_* variables) as JSON.

@@ -20,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from liverpipe.errors import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "CheckConfig",
     "PreprocessConfig",
     "Settings",
     "StoreConfig",
     "SynthConfig",
+    "TrainConfig",
     "load_settings",
 ]
 
@@ -122,6 +124,61 @@ class StoreConfig(_Frozen):
     )
 
 
+class AugmentConfig(_Frozen):
+    """On-device batch augmentation; set a magnitude to 0 (or False) to turn it off."""
+
+    rotate_deg: float = Field(15.0, ge=0, le=180, description="Max in-plane rotation (degrees).")
+    scale: tuple[float, float] = Field((0.85, 1.15), description="Zoom range; (1, 1) turns it off.")
+    elastic: bool = Field(False, description="Smooth random elastic deformation.")
+    elastic_px: float = Field(4.0, ge=0, description="Elastic displacement amplitude in pixels.")
+    intensity_scale: float = Field(
+        0.1, ge=0, description="Random multiplicative factor 1 +/- this."
+    )
+    intensity_shift: float = Field(0.1, ge=0, description="Random additive shift +/- this.")
+    gamma: tuple[float, float] = Field((0.8, 1.25), description="Gamma range; (1, 1) turns it off.")
+    noise_std: float = Field(0.03, ge=0, description="Gaussian noise std (normalised units).")
+
+
+class TrainConfig(_Frozen):
+    """Training of one model (``liverpipe train``)."""
+
+    model: str = Field("unetplusplus", description="unetplusplus, manet or deeplabv3plus.")
+    encoder: str = Field("resnet34", description="smp encoder name.")
+    encoder_weights: str | None = Field(
+        None, description="None (default, offline) or e.g. 'imagenet' if cached locally."
+    )
+    context_slices: int = Field(3, ge=1, description="k adjacent slices as channels (odd).")
+    steps: int = Field(2000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+    oversample: tuple[float, float] = Field(
+        (1 / 3, 1 / 3), description="Batch fractions drawn from tumour slices and liver slices."
+    )
+    val_every: int = Field(200, ge=1, description="Validate every N steps (and at the end).")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    resident: Literal["auto", "always", "never"] = Field(
+        "auto", description="Keep the train split in device memory (auto: on CUDA if it fits)."
+    )
+    resident_budget_gb: float = Field(8.0, gt=0)
+    stream_threads: int = Field(4, ge=1, description="Reader threads in streaming mode.")
+    prefetch: int = Field(4, ge=1, description="Batches read ahead in streaming mode.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA).")
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.context_slices % 2 == 0:
+            raise ValueError("context_slices must be odd")
+        if sum(self.oversample) > 1:
+            raise ValueError("oversample fractions must sum to at most 1")
+        return self
+
+
 class Settings(_Frozen):
     """All configuration sections. Each section is its own frozen model."""
 
@@ -129,6 +186,7 @@ class Settings(_Frozen):
     synth: SynthConfig = SynthConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     store: StoreConfig = StoreConfig()
+    train: TrainConfig = TrainConfig()
 
     def config_hash(self, section: str) -> str:
         """sha256 of one section's canonical JSON, for provenance records."""

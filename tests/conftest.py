@@ -70,3 +70,16 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
     generate_dataset(root, 4, seed=0, size="small", workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session phantoms preprocessed with configs/tiny.toml (64x64 slices)."""
+    from liverpipe.pipeline import preprocess_dataset, serial_runner
+    from liverpipe.settings import load_settings
+
+    store = tmp_path_factory.mktemp("store") / "tiny.zarr"
+    preprocess_dataset(
+        phantom_dir, store, load_settings(REPO / "configs" / "tiny.toml"), serial_runner
+    )
+    return store

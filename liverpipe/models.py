@@ -1,0 +1,61 @@
+"""The three segmentation-models-pytorch architectures, behind one factory."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import segmentation_models_pytorch as smp
+import torch
+
+from liverpipe.errors import LiverpipeError
+
+__all__ = ["MODELS", "ModelWeightsError", "build_model"]
+
+#: Registry: CLI / config name -> smp architecture name.
+MODELS: Final[dict[str, str]] = {
+    "unetplusplus": "unetplusplus",
+    "manet": "manet",
+    "deeplabv3plus": "deeplabv3plus",
+}
+
+
+class ModelWeightsError(LiverpipeError):
+    """Pretrained encoder weights were asked for but cannot be had (offline)."""
+
+
+def build_model(
+    name: str,
+    encoder: str = "resnet34",
+    in_channels: int = 3,
+    classes: int = 3,
+    encoder_weights: str | None = None,
+) -> torch.nn.Module:
+    """Build ``unetplusplus``, ``manet`` or ``deeplabv3plus`` with smp.
+
+    ``in_channels`` is the number of adjacent slices (2.5D input); the output has
+    ``classes`` logits per pixel. ``encoder_weights=None`` (the default) needs no
+    network; asking for pretrained weights that are not cached fails with a clear error.
+    """
+    key = name.lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    try:
+        return smp.create_model(
+            MODELS[key],
+            encoder_name=encoder,
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=classes,
+        )
+    except KeyError as err:
+        raise ValueError(f"unknown encoder {encoder!r} for {name}: {err}") from err
+    except (OSError, RuntimeError, ValueError) as err:
+        if encoder_weights is None:
+            raise
+        raise ModelWeightsError(
+            None,
+            f"pretrained weights {encoder_weights!r} for encoder {encoder!r} could not be loaded "
+            f"({type(err).__name__}); there is no network here and they are not in the cache",
+            "train with encoder_weights = none (the default), or copy the weights into the "
+            "Hugging Face cache (HF_HOME) on a machine with network access first",
+        ) from err

@@ -1,0 +1,131 @@
+"""Trainer on a tiny phantom store (CPU, fp32): sampling, augmentation, learning, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from liverpipe.augment import augment_batch
+from liverpipe.sampling import ResidentSource, SliceSampler, SliceTable, StreamingSource
+from liverpipe.settings import AugmentConfig, load_settings
+from liverpipe.train import CheckpointMismatchError, load_checkpoint, train
+from storage import SliceStore
+
+TINY = REPO / "configs" / "tiny.toml"
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_sampler_oversamples_foreground(tiny_store: Path) -> None:
+    store = SliceStore.open(tiny_store)
+    table = SliceTable.from_store(store, store.cases("train"))
+    sampler = SliceSampler(table, (1 / 3, 1 / 3), seed=0)
+    rows = np.concatenate([sampler.draw(12) for _ in range(1000)])
+    # The mixture: a third from tumour slices, a third from liver slices, a third uniform.
+    p_liver, p_tumour = table.liver.mean(), table.tumour.mean()
+    tumour_given_liver = table.tumour[table.liver].mean()
+    expected_tumour = (
+        (1 / 3 if table.tumour.any() else p_tumour / 3) + tumour_given_liver / 3 + p_tumour / 3
+    )
+    expected_liver = (1 / 3 if table.tumour.any() else p_liver / 3) + 1 / 3 + p_liver / 3
+    assert abs(table.tumour[rows].mean() - expected_tumour) < 0.02
+    assert abs(table.liver[rows].mean() - expected_liver) < 0.02
+    assert table.tumour[rows].mean() > 2 * p_tumour or not table.tumour.any()
+    assert set(np.unique(table.case[rows])) == set(range(len(table.case_ids)))
+
+
+def test_resident_and_streaming_sources_give_the_same_batches(tiny_store: Path) -> None:
+    store = SliceStore.open(tiny_store)
+    table = SliceTable.from_store(store, store.cases("train"))
+    rows = SliceSampler(table, (1 / 3, 1 / 3), seed=3).draw(16)
+    resident = ResidentSource(store, table, 3, torch.device("cpu"))
+    streaming = StreamingSource(store, table, 3, threads=3, prefetch=2)
+    try:
+        streaming.submit(rows)
+        stream_images, stream_labels = streaming.next()
+    finally:
+        streaming.close()
+    images, labels = resident.batch(rows)
+    assert images.shape == (16, 3, 64, 64) and labels.shape == (16, 64, 64)
+    torch.testing.assert_close(images, stream_images)
+    assert torch.equal(labels, stream_labels)
+
+
+def test_augmentation_is_deterministic_and_keeps_image_and_label_aligned() -> None:
+    labels = torch.zeros(4, 64, 64, dtype=torch.long)
+    labels[:, 16:48, 20:44] = 1
+    labels[:, 28:36, 28:36] = 2
+    images = labels[:, None].float().repeat(1, 3, 1, 1) / 2
+    cfg = AugmentConfig(
+        intensity_scale=0, intensity_shift=0, gamma=(1.0, 1.0), noise_std=0, elastic=True
+    )
+    a = augment_batch(images, labels, cfg, torch.Generator().manual_seed(7))
+    b = augment_batch(images, labels, cfg, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], labels)  # it did transform
+    assert set(a[1].unique().tolist()) <= {0, 1, 2}
+    agree = (torch.round(a[0][:, 1] * 2).long() == a[1]).float().mean()
+    assert agree > 0.97  # the same spatial transform moved image and label
+    off = AugmentConfig(
+        rotate_deg=0,
+        scale=(1.0, 1.0),
+        intensity_scale=0,
+        intensity_shift=0,
+        gamma=(1.0, 1.0),
+        noise_std=0,
+    )
+    same = augment_batch(images, labels, off, torch.Generator().manual_seed(0))
+    assert torch.equal(same[0], images) and torch.equal(same[1], labels)
+
+
+@pytest.mark.parametrize("model", ["unetplusplus", "manet", "deeplabv3plus"])
+def test_each_model_learns_on_the_tiny_store(tiny_store: Path, tmp_path: Path, model: str) -> None:
+    settings = load_settings(
+        TINY, {"train": {"model": model, "steps": 30, "log_every": 1, "val_every": 30}}
+    )
+    result = train(tiny_store, tmp_path / model, settings)
+    losses = [h["loss"] for h in _history(tmp_path / model) if "loss" in h]
+    assert len(losses) == 30 and result.steps == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert {p.name for p in (tmp_path / model).iterdir()} >= {
+        "last.pt",
+        "best.pt",
+        "config.json",
+        "history.jsonl",
+    }
+    state = load_checkpoint(tmp_path / model / "best.pt")
+    assert state["identity"]["train"]["model"] == model
+
+
+@pytest.mark.parametrize("resident", ["never", "always"])
+def test_resume_continues_exactly(tiny_store: Path, tmp_path: Path, resident: str) -> None:
+    common = {"steps": 12, "log_every": 1, "val_every": 6, "resident": resident, "prefetch": 3}
+    full = load_settings(TINY, {"train": common})
+    train(tiny_store, tmp_path / "full", full)
+
+    def crash_after_checkpoint(step: int, _loss: float) -> None:
+        if step == 8:  # the checkpoint of step 6 exists; steps 7 and 8 are lost
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_store, tmp_path / "resumed", full, on_step=crash_after_checkpoint)
+    train(tiny_store, tmp_path / "resumed", full, resume=True)
+    a = [h for h in _history(tmp_path / "full") if "loss" in h]
+    b = [h for h in _history(tmp_path / "resumed") if "loss" in h]
+    assert [h["step"] for h in b] == list(range(1, 13))
+    np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-5)
+    np.testing.assert_allclose([h["lr"] for h in b], [h["lr"] for h in a])
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_store: Path, tmp_path: Path) -> None:
+    train(tiny_store, tmp_path / "r", load_settings(TINY, {"train": {"steps": 2, "val_every": 2}}))
+    other = load_settings(TINY, {"train": {"steps": 4, "encoder": "resnet34"}})
+    with pytest.raises(CheckpointMismatchError, match="different configuration \\(encoder\\)"):
+        train(tiny_store, tmp_path / "r", other, resume=True)

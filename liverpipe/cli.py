@@ -304,6 +304,35 @@ def train_cmd(
     )
 
 
+@app.command("train-all")
+def train_all_cmd(
+    store: Annotated[
+        Path, typer.Option("--store", "-s", help="Slice store made by `liverpipe preprocess`.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Runs folder; each model trains into OUT/<model>/.")
+    ] = Path("runs"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps per model.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue each model from OUT/<model>/last.pt.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train UnetPlusPlus, MAnet and DeepLabV3Plus one after another on this device.
+
+    Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
+    """
+    from liverpipe.models import MODELS
+    from liverpipe.train import train
+
+    for name in MODELS:
+        settings = _settings(config, train={"model": name, "steps": steps})
+        result = train(store, out / name, settings, resume)
+        typer.echo(
+            f"{name}: {result.steps} steps, last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
+        )
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved configuration (defaults, file, LIVERPIPE_* variables) as JSON.

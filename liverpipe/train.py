@@ -10,6 +10,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from liverpipe.sampling import (
     StreamingSource,
     decode_scale,
 )
-from liverpipe.settings import Settings, TrainConfig
+from liverpipe.settings import Settings, TrainConfig, load_settings
 from storage import SliceStore
 from storage.reader import window_indices
 
@@ -204,8 +205,50 @@ class _BatchStream:
             self.source.close()
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class _Dist:
+    """Process-group facts; world 1 when not launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend=backend)
+        return cls(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor.item()) / self.world
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
 
 def _source(
@@ -221,6 +264,89 @@ def _source(
     return StreamingSource(store, table, cfg.context_slices, cfg.stream_threads, cfg.prefetch)
 
 
+@dataclass
+class _Run:
+    """Everything that changes while training, and what a checkpoint restores."""
+
+    model: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: SliceSampler
+    gen: torch.Generator
+    step: int = 0
+    best: float = -1.0
+
+
+def _build(cfg: TrainConfig, table: SliceTable, device: torch.device, dist: _Dist) -> _Run:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, cfg.encoder, cfg.context_slices, 3, cfg.encoder_weights).to(
+        device
+    )
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
+    sampler = SliceSampler(table, cfg.oversample, cfg.seed + 1000 * dist.rank)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * dist.rank)
+    return _Run(model, optimiser, scheduler, sampler, gen)
+
+
+def _restore(run: _Run, state: dict[str, Any], dist: _Dist) -> None:
+    run.model.load_state_dict(state["model"])
+    run.optimiser.load_state_dict(state["optimiser"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][dist.rank]
+    run.sampler.set_state(rng["sampler"])
+    run.gen.set_state(rng["augment"])
+    torch.set_rng_state(rng["torch"])
+    run.step, run.best = int(state["step"]), float(state["best"])
+
+
+def _state(
+    run: _Run, stream: _BatchStream, identity: dict[str, Any], dist: _Dist
+) -> dict[str, Any]:
+    """Checkpoint content; RNG states of every rank, so a DDP run resumes exactly too."""
+    rng = {
+        "sampler": stream.sampler_state(),
+        "augment": run.gen.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    return {
+        "model": run.model.state_dict(),
+        "optimiser": run.optimiser.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": dist.gather(rng),
+        "step": run.step,
+        "best": run.best,
+        "identity": identity,
+    }
+
+
+def _one_step(
+    run: _Run,
+    fwd: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    losses: tuple[Any, Any],
+) -> float:
+    device = images.device
+    images, labels = augment_batch(images, labels, cfg.augment, run.gen)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = fwd(images).float()
+    loss = losses[0](logits, labels) + losses[1](logits, labels)
+    run.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimiser.step()
+    run.scheduler.step()
+    run.step += 1
+    return float(loss.detach())
+
+
 def train(
     store_path: Path,
     run_dir: Path,
@@ -228,8 +354,13 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``settings.train.model`` on the store's train split into ``run_dir``."""
+    """Train ``settings.train.model`` on the store's train split into ``run_dir``.
+
+    Under ``torchrun`` (DDP: NCCL on CUDA, gloo on the CPU) each rank draws its own
+    batches of ``batch_size``; rank 0 validates and writes every file.
+    """
     cfg = settings.train
+    dist = _Dist.from_env()
     store = SliceStore.open(store_path)
     train_ids, val_ids = store.cases("train"), store.cases("val")
     if not train_ids:
@@ -238,107 +369,149 @@ def train(
             "the store has no train cases",
             "preprocess more cases (splits are 70/15/15 by case)",
         )
-    device = _device()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.encoder, cfg.context_slices, 3, cfg.encoder_weights).to(
-        device
-    )
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
+    device = dist.device()
     table = SliceTable.from_store(store, train_ids)
-    sampler = SliceSampler(table, cfg.oversample, cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
     run_dir.mkdir(parents=True, exist_ok=True)
-    step, best = 0, -1.0
     if resume and (run_dir / "last.pt").exists():
-        state = load_checkpoint(run_dir / "last.pt", identity)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.set_state(state["sampler"])
-        gen.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, best = int(state["step"]), float(state["best"])
-        _truncate_history(run_dir / "history.jsonl", step)
-    (run_dir / "config.json").write_text(
-        json.dumps({**settings.model_dump(mode="json"), **identity}, indent=2)
+        _restore(run, load_checkpoint(run_dir / "last.pt", identity), dist)
+        if dist.main:
+            _truncate_history(run_dir / "history.jsonl", run.step)
+    if dist.main:
+        record = {**settings.model_dump(mode="json"), **identity, "world_size": dist.world}
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
+    fwd: torch.nn.Module = run.model
+    if dist.world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile and device.type == "cuda":
+        fwd = torch.compile(fwd)  # type: ignore[assignment]
+    stream = _BatchStream(
+        run.sampler, _source(cfg, store, table, device), cfg.batch_size, cfg.prefetch
     )
-    dice_ce = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
-    stream = _BatchStream(sampler, _source(cfg, store, table, device), cfg.batch_size, cfg.prefetch)
-    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    loss_value, wait, clock = float("nan"), 0.0, time.perf_counter()
     try:
-        with (run_dir / "history.jsonl").open("a") as history:
-            while step < cfg.steps:
-                model.train()
-                t0 = time.perf_counter()
-                images, labels = stream.next()
-                images, labels = (
-                    images.to(device, non_blocking=True),
-                    labels.to(device, non_blocking=True),
-                )
-                wait += time.perf_counter() - t0
-                images, labels = augment_batch(images, labels, cfg.augment, gen)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-                ):
-                    logits = fwd(images)
-                    loss = dice_ce[0](logits.float(), labels) + dice_ce[1](logits.float(), labels)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimiser.step()
-                scheduler.step()
-                step += 1
-                loss_value = float(loss.detach())
-                if on_step:
-                    on_step(step, loss_value)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    elapsed = time.perf_counter() - clock
-                    record = {
-                        "step": step,
-                        "loss": loss_value,
-                        "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": cfg.batch_size * cfg.log_every / elapsed
-                        if elapsed > 0
-                        else 0.0,
-                        "data_wait": wait / elapsed if elapsed > 0 else 0.0,
-                    }
-                    history.write(_json_line(record))
-                    wait, clock = 0.0, time.perf_counter()
-                if step % cfg.val_every == 0 or step == cfg.steps:
-                    metrics = (
-                        validate(model, store, val_ids, cfg.context_slices, device)
-                        if val_ids
-                        else None
-                    )
-                    score = metrics["mean_fg_dice"] if metrics else -loss_value
-                    history.write(_json_line({"step": step, "val": metrics}))
-                    state = {
-                        "model": model.state_dict(),
-                        "optimiser": optimiser.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "sampler": stream.sampler_state(),
-                        "augment_rng": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "step": step,
-                        "best": max(best, score) if not math.isnan(score) else best,
-                        "identity": identity,
-                    }
-                    if not math.isnan(score) and score > best:
-                        best = score
-                        _save(run_dir / "best.pt", state)
-                    _save(run_dir / "last.pt", state)
-                    history.flush()
+        loss = _loop(
+            run, fwd, stream, cfg, losses, store, val_ids, run_dir, identity, dist, on_step
+        )
     finally:
         stream.close()
-    return TrainResult(run_dir, step, best, loss_value)
+    return TrainResult(run_dir, run.step, run.best, loss)
+
+
+def _loop(
+    run: _Run,
+    fwd: torch.nn.Module,
+    stream: _BatchStream,
+    cfg: TrainConfig,
+    losses: tuple[Any, Any],
+    store: SliceStore,
+    val_ids: list[str],
+    run_dir: Path,
+    identity: dict[str, Any],
+    dist: _Dist,
+    on_step: Callable[[int, float], None] | None,
+) -> float:
+    device = next(run.model.parameters()).device
+    loss, wait, clock = float("nan"), 0.0, time.perf_counter()
+    history = (run_dir / "history.jsonl").open("a") if dist.main else None
+    try:
+        while run.step < cfg.steps:
+            run.model.train()
+            t0 = time.perf_counter()
+            images, labels = stream.next()
+            images, labels = (
+                images.to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+            )
+            wait += time.perf_counter() - t0
+            loss = dist.mean(_one_step(run, fwd, images, labels, cfg, losses))
+            if on_step:
+                on_step(run.step, loss)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                elapsed = time.perf_counter() - clock
+                if history:
+                    history.write(
+                        _json_line(
+                            {
+                                "step": run.step,
+                                "loss": loss,
+                                "lr": run.scheduler.get_last_lr()[0],
+                                "images_per_s": dist.world
+                                * cfg.batch_size
+                                * cfg.log_every
+                                / elapsed,
+                                "data_wait": wait / elapsed,
+                            }
+                        )
+                    )
+                wait, clock = 0.0, time.perf_counter()
+            if run.step % cfg.val_every == 0 or run.step == cfg.steps:
+                _validate_and_save(
+                    run, stream, store, val_ids, cfg, loss, run_dir, identity, dist, history
+                )
+    finally:
+        if history:
+            history.close()
+    return loss
+
+
+def _validate_and_save(
+    run: _Run,
+    stream: _BatchStream,
+    store: SliceStore,
+    val_ids: list[str],
+    cfg: TrainConfig,
+    loss: float,
+    run_dir: Path,
+    identity: dict[str, Any],
+    dist: _Dist,
+    history: Any,
+) -> None:
+    device = next(run.model.parameters()).device
+    metrics = (
+        validate(run.model, store, val_ids, cfg.context_slices, device)
+        if val_ids and dist.main
+        else None
+    )
+    score = metrics["mean_fg_dice"] if metrics else -loss
+    improved = not math.isnan(score) and score > run.best
+    if improved:
+        run.best = score
+    state = _state(run, stream, identity, dist)  # collective: every rank takes part
+    if dist.main:
+        history.write(_json_line({"step": run.step, "val": metrics}))
+        history.flush()
+        if improved:
+            _save(run_dir / "best.pt", state)
+        _save(run_dir / "last.pt", state)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc_per_node=N -m liverpipe.train --store S --model M --out RUN``."""
+    parser = argparse.ArgumentParser(prog="python -m liverpipe.train", description=main.__doc__)
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    settings = load_settings(
+        args.config,
+        {"train": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
+    )
+    try:
+        result = train(args.store, args.out, settings, args.resume)
+        if _Dist.from_env().main:
+            print(f"trained {settings.train.model} for {result.steps} steps into {args.out}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -360,3 +533,7 @@ def _truncate_history(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,60 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_store: Path, tmp_pat
     other = load_settings(TINY, {"train": {"steps": 4, "encoder": "resnet34"}})
     with pytest.raises(CheckpointMismatchError, match="different configuration \\(encoder\\)"):
         train(tiny_store, tmp_path / "r", other, resume=True)
+
+
+def test_two_process_gloo_ddp(tiny_store: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "liverpipe.train",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--config",
+        str(TINY),
+        "--steps",
+        "6",
+        "--model",
+        "manet",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert config["world_size"] == 2
+    history = [h for h in _history(tmp_path / "ddp") if "loss" in h]
+    assert [h["step"] for h in history] == [5, 6]  # rank 0 alone writes, once per step
+    state = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert state["step"] == 6 and len(state["rng"]) == 2  # both ranks' RNG states, for resume
+    assert not torch.equal(state["rng"][0]["augment"], state["rng"][1]["augment"])
+
+
+def test_train_all_cli_trains_the_three_models(tiny_store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-all",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--config",
+            str(TINY),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("unetplusplus", "manet", "deeplabv3plus"):
+        assert (tmp_path / name / "last.pt").is_file() and f"{name}: 2 steps" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -285,20 +286,26 @@ def train_cmd(
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
     ) as bar:
         task = bar.add_task(
-            f"training {settings.train.model}", total=settings.train.steps, loss=float("nan")
+            f"training {settings.train.model}",
+            total=settings.train.steps,
+            loss=float("nan"),
+            rate=0.0,
         )
-        result = train(
-            store,
-            out,
-            settings,
-            resume,
-            on_step=lambda s, loss: bar.update(task, completed=s, loss=loss),
-        )
+        batch, start, first = settings.train.batch_size, time.perf_counter(), [-1]
+
+        def on_step(step: int, loss: float) -> None:
+            if first[0] < 0:  # count only this process's steps, not those before a resume
+                first[0] = step - 1
+            rate = batch * (step - first[0]) / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=step, loss=loss, rate=rate)
+
+        result = train(store, out, settings, resume, on_step=on_step)
     typer.echo(
         f"trained {settings.train.model} for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
     )

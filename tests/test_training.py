@@ -186,3 +186,31 @@ def test_train_all_cli_trains_the_three_models(tiny_store: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     for name in ("unetplusplus", "manet", "deeplabv3plus"):
         assert (tmp_path / name / "last.pt").is_file() and f"{name}: 2 steps" in result.stdout
+
+
+def test_train_cli_reports_and_writes_the_run(tiny_store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    args = [
+        "train",
+        "--store",
+        str(tiny_store),
+        "--model",
+        "deeplabv3plus",
+        "--out",
+        str(tmp_path / "r"),
+        "--steps",
+        "2",
+        "--config",
+        str(TINY),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained deeplabv3plus for 2 steps" in result.stdout
+    resumed = CliRunner().invoke(
+        app, [*args[:-4], "--steps", "3", "--config", str(TINY), "--resume"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert [h["step"] for h in _history(tmp_path / "r") if "loss" in h] == [2, 3]

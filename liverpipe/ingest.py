@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from liverpipe import __version__
 from liverpipe.errors import LiverpipeError
 from liverpipe.geometry import CanonicalGeometry
-from liverpipe.nifti import read_header, read_voxels_hashed
+from liverpipe.nifti import read_header, read_voxels, read_voxels_hashed
 from liverpipe.preprocess import (
     ZScoreStats,
     body_centre,
@@ -177,7 +177,6 @@ def foreground_histogram(job: CaseJob) -> np.ndarray:
     if job.label is None:
         return np.zeros(HIST_HIGH - HIST_LOW, dtype=np.int64)
     image_info, label_info = read_header(job.image, job.limits), read_header(job.label, job.limits)
-    data, _ = read_voxels_hashed(image_info)
-    label, _ = read_voxels_hashed(label_info)
+    data, label = read_voxels(image_info), read_voxels(label_info)
     values = np.clip(np.rint(data[label > 0]), HIST_LOW, HIST_HIGH - 1).astype(np.int64) - HIST_LOW
     return np.bincount(values, minlength=HIST_HIGH - HIST_LOW)

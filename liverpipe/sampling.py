@@ -109,22 +109,26 @@ class ResidentSource:
         self.scale, self.offset = scale, offset
         self.images = torch.cat(images).to(device)
         self.labels = torch.cat(labels).to(device)
-        self.starts = torch.tensor(starts[:-1], device=device)
-        self.table, self.k, self.device = table, k, device
+        case_start = torch.tensor(starts[:-1], device=device)[
+            torch.as_tensor(table.case, device=device)
+        ]
+        # Per-row lookups, moved to the device once (not per batch): slice index of the
+        # row's case start, the row's z, and its case depth.
+        self.row_start = case_start
+        self.row_z = torch.as_tensor(table.z, device=device).long()
+        self.row_depth = torch.as_tensor(table.depth, device=device).long()
+        self.device = device
         self.offsets = torch.arange(-(k // 2), k // 2 + 1, device=device)
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, k, Y, X) float32 (normalised) and labels (B, Y, X) int64."""
         r = torch.as_tensor(rows, device=self.device)
-        case = torch.as_tensor(self.table.case, device=self.device)[r]
-        z = torch.as_tensor(self.table.z, device=self.device)[r]
-        depth = torch.as_tensor(self.table.depth, device=self.device)[r]
+        start, z, depth = self.row_start[r], self.row_z[r], self.row_depth[r]
         window = torch.minimum(
             (z[:, None] + self.offsets[None, :]).clamp(min=0), depth[:, None] - 1
         )
-        index = self.starts[case][:, None] + window
-        images = self.images[index].float() * self.scale + self.offset
-        return images, self.labels[self.starts[case] + z].long()
+        images = self.images[start[:, None] + window].float() * self.scale + self.offset
+        return images, self.labels[start + z].long()
 
 
 class StreamingSource:

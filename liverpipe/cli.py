@@ -323,21 +323,43 @@ def train_all_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue each model from OUT/<model>/last.pt.")
     ] = False,
+    gpus: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (every visible GPU), a list such as '0,1', or 'none'. With 2 or more, "
+            "the models train in parallel, one per GPU; otherwise one after another here."
+        ),
+    ] = "auto",
     config: ConfigOpt = None,
 ) -> None:
-    """Train UnetPlusPlus, MAnet and DeepLabV3Plus one after another on this device.
+    """Train UnetPlusPlus, MAnet and DeepLabV3Plus: one per GPU in parallel, or in turn.
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
-    from liverpipe.models import MODELS
-    from liverpipe.train import train
+    from liverpipe.train_all import ModelOutcome, train_all
 
-    for name in MODELS:
-        settings = _settings(config, train={"model": name, "steps": steps})
-        result = train(store, out / name, settings, resume)
+    settings = _settings(config, train={"steps": steps})
+    devices = (
+        None if gpus == "auto" else [g for g in gpus.split(",") if g.strip() not in {"", "none"}]
+    )
+
+    def report(outcome: ModelOutcome) -> None:
+        if outcome.result is None:
+            err_console.print(
+                f"[red]{outcome.model} failed[/red] ({outcome.device}): {outcome.error}",
+                highlight=False,
+            )
+            return
+        r = outcome.result
         typer.echo(
-            f"{name}: {result.steps} steps, last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
+            f"{outcome.model}: {r.steps} steps, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
         )
+
+    outcomes = train_all(store, out, settings, resume, devices, on_done=report)
+    failed = [o.model for o in outcomes if o.result is None]
+    if failed:
+        err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
 @app.command("config")

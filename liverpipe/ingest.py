@@ -132,7 +132,7 @@ def _preprocess(job: CaseJob) -> tuple[CaseMeta, np.ndarray, np.ndarray]:
         )
         del label_data
     stats = hu_statistics(hu, label if label_info else None, cfg.body_threshold_hu)
-    stored, intensity = _normalise(hu, cfg, job.zscore)
+    stored, intensity = normalise(hu, cfg, job.zscore)
     meta = CaseMeta(
         case_id=job.case_id,
         shape=grid.shape,
@@ -153,7 +153,7 @@ def _preprocess(job: CaseJob) -> tuple[CaseMeta, np.ndarray, np.ndarray]:
     return meta, stored, label
 
 
-def _normalise(
+def normalise(
     hu: np.ndarray, cfg: PreprocessConfig, zscore: ZScoreStats | None
 ) -> tuple[np.ndarray, Intensity]:
     if cfg.normalization == "window":

@@ -374,12 +374,20 @@ def train(
     run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        (run_dir / "result.json").unlink(missing_ok=True)  # written again when training ends
     if resume and (run_dir / "last.pt").exists():
         _restore(run, load_checkpoint(run_dir / "last.pt", identity), dist)
         if dist.main:
             _truncate_history(run_dir / "history.jsonl", run.step)
     if dist.main:
-        record = {**settings.model_dump(mode="json"), **identity, "world_size": dist.world}
+        record = {
+            **settings.model_dump(mode="json"),
+            "store": str(store_path),
+            "store_config_hash": identity["store_config_hash"],
+            "store_config": store.meta.config,  # how to preprocess a new scan for this model
+            "world_size": dist.world,
+        }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2))
     losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
     fwd: torch.nn.Module = run.model
@@ -398,6 +406,10 @@ def train(
         )
     finally:
         stream.close()
+    if dist.main:
+        (run_dir / "result.json").write_text(
+            _json_line({"steps": run.step, "best_score": run.best, "last_loss": loss})
+        )
     return TrainResult(run_dir, run.step, run.best, loss)
 
 
@@ -499,12 +511,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--settings", type=Path, help="Resolved settings as JSON (train-all).")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    settings = load_settings(
-        args.config,
-        {"train": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
-    )
+    if args.settings is not None:
+        settings = Settings.model_validate_json(args.settings.read_text())
+    else:
+        settings = load_settings(
+            args.config,
+            {"train": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
+        )
     try:
         result = train(args.store, args.out, settings, args.resume)
         if _Dist.from_env().main:

@@ -214,3 +214,27 @@ def test_train_cli_reports_and_writes_the_run(tiny_store: Path, tmp_path: Path) 
     )
     assert resumed.exit_code == 0, resumed.output
     assert [h["step"] for h in _history(tmp_path / "r") if "loss" in h] == [2, 3]
+
+
+def test_train_all_runs_one_process_per_gpu_and_isolates_a_failure(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    from liverpipe.settings import load_settings
+    from liverpipe.train_all import train_all
+
+    settings = load_settings(TINY, {"train": {"steps": 2}})
+    (tmp_path / "manet").mkdir()
+    (tmp_path / "manet" / "last.pt").write_bytes(b"not a checkpoint")  # manet's resume fails
+    # Two "GPUs": on this CPU machine the children fall back to the CPU, but the launcher
+    # still runs one process per device, two at a time.
+    outcomes = train_all(tiny_store, tmp_path, settings, resume=True, gpus=["0", "1"])
+    by_model = {o.model: o for o in outcomes}
+    assert [o.model for o in outcomes] == ["unetplusplus", "manet", "deeplabv3plus"]
+    failed = by_model["manet"]
+    assert failed.result is None and str(tmp_path / "manet" / "train.log") in (failed.error or "")
+    for name in ("unetplusplus", "deeplabv3plus"):
+        result = by_model[name].result
+        assert result is not None and result.steps == 2
+        recorded = json.loads((tmp_path / name / "config.json").read_text())
+        assert recorded["train"]["model"] == name and recorded["train"]["steps"] == 2
+    assert {o.device for o in outcomes} == {"GPU 0", "GPU 1"}

@@ -1,0 +1,149 @@
+"""Train the three architectures: in this process one after another, or one per GPU.
+
+With several GPUs each model runs in its own ``python -m liverpipe.train`` process pinned
+to one device (``CUDA_VISIBLE_DEVICES``), at most one model per GPU at a time; the
+resolved settings travel as JSON, so a child trains with exactly the parent's config.
+A model that fails does not stop the others; its error (and log file) is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from liverpipe.errors import LiverpipeError
+from liverpipe.models import MODELS
+from liverpipe.settings import Settings
+from liverpipe.train import TrainResult, train
+
+__all__ = ["ModelOutcome", "read_result", "train_all", "visible_gpus"]
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One model's result, or why it failed."""
+
+    model: str
+    run_dir: Path
+    result: TrainResult | None
+    error: str | None = None
+    device: str = "this process"
+
+
+def visible_gpus() -> list[str]:
+    """CUDA device indices this process may use (empty on a CPU machine)."""
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def read_result(run_dir: Path) -> TrainResult:
+    """The ``result.json`` a finished training run leaves in its folder."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        raise LiverpipeError(
+            run_dir,
+            "the run has no result.json, so it did not finish",
+            f"read {run_dir / 'train.log'} for the cause, then rerun with --resume",
+        )
+    data = json.loads(path.read_text())
+    nan = float("nan")
+    best, last = data["best_score"], data["last_loss"]
+    return TrainResult(
+        run_dir, int(data["steps"]), nan if best is None else best, nan if last is None else last
+    )
+
+
+def train_all(
+    store_path: Path,
+    runs_dir: Path,
+    settings: Settings,
+    resume: bool = False,
+    gpus: Sequence[str] | None = None,
+    models: Sequence[str] = tuple(MODELS),
+    on_done: Callable[[ModelOutcome], None] | None = None,
+) -> list[ModelOutcome]:
+    """Train each model into ``runs_dir/<model>/``; in parallel when ``gpus`` has 2 or more.
+
+    ``gpus`` defaults to every visible CUDA device. Outcomes come back in ``models`` order.
+    """
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    per_model = {
+        m: settings.model_copy(update={"train": settings.train.model_copy(update={"model": m})})
+        for m in models
+    }
+    if len(gpus) < 2:
+        outcomes = []
+        for name in models:
+            outcome = _train_here(store_path, runs_dir / name, per_model[name], resume)
+            if on_done:
+                on_done(outcome)
+            outcomes.append(outcome)
+        return outcomes
+    free: queue.Queue[str] = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def one(name: str) -> ModelOutcome:
+        gpu = free.get()
+        try:
+            outcome = _train_child(store_path, runs_dir / name, per_model[name], resume, gpu)
+        finally:
+            free.put(gpu)
+        if on_done:
+            on_done(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        return list(pool.map(one, models))
+
+
+def _train_here(store_path: Path, run_dir: Path, settings: Settings, resume: bool) -> ModelOutcome:
+    name = settings.train.model
+    try:
+        return ModelOutcome(name, run_dir, train(store_path, run_dir, settings, resume))
+    except Exception as err:  # one model's failure must not stop the others
+        return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}")
+
+
+def _train_child(
+    store_path: Path, run_dir: Path, settings: Settings, resume: bool, gpu: str
+) -> ModelOutcome:
+    name = settings.train.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = run_dir / "settings.json"
+    settings_file.write_text(settings.model_dump_json(indent=2))
+    (run_dir / "result.json").unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverpipe.train",
+        "--store",
+        str(store_path),
+        "--out",
+        str(run_dir),
+        "--settings",
+        str(settings_file),
+    ]
+    if resume:
+        cmd.append("--resume")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    log = run_dir / "train.log"
+    with log.open("a") as fh:
+        code = subprocess.run(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
+        ).returncode
+    device = f"GPU {gpu}"
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        return ModelOutcome(
+            name, run_dir, None, f"exit code {code}: {tail[0]} (full log: {log})", device
+        )
+    return ModelOutcome(name, run_dir, read_result(run_dir), None, device)

@@ -362,6 +362,59 @@ def train_all_cmd(
         raise typer.Exit(1)
 
 
+@app.command("predict")
+def predict_cmd(
+    source: Annotated[Path, typer.Argument(help="A .nii/.nii.gz scan, or a folder of them.")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Mask file (or folder, when INPUT is a folder)."),
+    ],
+    model: Annotated[
+        list[Path],
+        typer.Option("--model", "-m", help="Run folder; repeat it to ensemble (mean softmax)."),
+    ],
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Average left-right and front-back flips.")
+    ] = False,
+    largest_liver: Annotated[
+        bool, typer.Option(help="Keep only the largest connected liver component.")
+    ] = True,
+    tumour_in_liver: Annotated[
+        bool, typer.Option(help="Drop tumour not attached to liver tissue.")
+    ] = True,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+) -> None:
+    """Segment new scans: masks on each input's exact grid, plus measurements JSON.
+
+    Example: liverpipe predict scans/ -o masks/ --model runs/unetplusplus --model runs/manet --tta
+    """
+    import torch
+
+    from liverpipe.predict import PostProcess, Predictor, load_run, predict_path
+
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    runs = [load_run(m, dev) for m in model]
+    predictor = Predictor(runs, dev, tta, PostProcess(largest_liver, tumour_in_liver))
+
+    def report(scan: Path, outcome: object) -> None:
+        if isinstance(outcome, Exception):
+            err_console.print(f"[red]failed[/red] {outcome}", highlight=False)
+            return
+        assert isinstance(outcome, dict)
+        typer.echo(
+            f"{scan.name}: liver {outcome['liver_volume_ml']:.0f} mL, {outcome['tumour_count']} lesion(s), "
+            f"burden {outcome['tumour_burden_percent']:.2f}% -> {outcome['mask']}"
+        )
+
+    results = predict_path(predictor, source, output, on_done=report)
+    failed = [p for p, r in results.items() if isinstance(r, Exception)]
+    if failed:
+        err_console.print(f"{len(failed)} of {len(results)} scans failed")
+        raise typer.Exit(1)
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved configuration (defaults, file, LIVERPIPE_* variables) as JSON.

@@ -83,3 +83,16 @@ def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         phantom_dir, store, load_settings(REPO / "configs" / "tiny.toml"), serial_runner
     )
     return store
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three models trained 20 steps on the tiny store (configs/tiny.toml): RUNS/<model>."""
+    from liverpipe.settings import load_settings
+    from liverpipe.train_all import train_all
+
+    runs = tmp_path_factory.mktemp("runs")
+    settings = load_settings(REPO / "configs" / "tiny.toml", {"train": {"steps": 20}})
+    outcomes = train_all(tiny_store, runs, settings, gpus=[])
+    assert all(o.result is not None for o in outcomes), [o.error for o in outcomes]
+    return runs

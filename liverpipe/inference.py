@@ -1,0 +1,163 @@
+"""Prediction kernels: preprocess a scan as its store did, predict, map back, clean up.
+
+The forward path is the store's (canonical view, body-centred stored grid, resampling,
+normalisation and the store's dtype quantisation), so a model sees exactly what it was
+trained on. The way back resamples labels (nearest neighbour) from the stored grid
+onto the scan's canonical grid, then undoes the reorientation exactly: the mask has the
+scan's shape and overlays it voxel for voxel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import torch
+
+from liverpipe.geometry import CanonicalGeometry, from_canonical
+from liverpipe.ingest import normalise
+from liverpipe.labels import Label
+from liverpipe.nifti import NiftiInfo, read_header, read_voxels
+from liverpipe.preprocess import (
+    Grid,
+    ZScoreStats,
+    body_centre,
+    canonical_view,
+    resample_image,
+    resample_to_grid,
+    stored_grid,
+)
+from liverpipe.settings import CheckConfig, PreprocessConfig
+from liverpipe.validate import check_image_values
+from storage.reader import window_indices
+
+__all__ = [
+    "PreparedScan",
+    "keep_largest_liver",
+    "predict_probabilities",
+    "prepare_scan",
+    "to_native",
+    "tumour_inside_liver",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedScan:
+    """A scan on its stored grid, normalised, with what is needed to map back."""
+
+    info: NiftiInfo
+    geometry: CanonicalGeometry
+    grid: Grid
+    image: np.ndarray  # (Z, Y, X) float32, normalised as in the store
+
+
+def prepare_scan(
+    path: Path,
+    config: PreprocessConfig,
+    zscore: ZScoreStats | None = None,
+    limits: CheckConfig | None = None,
+) -> PreparedScan:
+    """Read, validate and preprocess one scan exactly as ``liverpipe preprocess`` would."""
+    info = read_header(path, limits)
+    data = read_voxels(info)
+    check_image_values(info.path, data)
+    geometry = CanonicalGeometry.of(info.shape, info.affine)
+    canonical = canonical_view(data, geometry)
+    grid = stored_grid(geometry, body_centre(canonical, config.body_threshold_hu), config)
+    hu = resample_image(canonical, geometry.canonical_affine, grid, config.image_interpolation)
+    del data, canonical
+    stored, intensity = normalise(hu, config, zscore)
+    image = stored.astype(np.float32) * intensity.stored_scale + intensity.stored_offset
+    return PreparedScan(info, geometry, grid, image)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    models: Sequence[torch.nn.Module],
+    image: np.ndarray,
+    context: int,
+    device: torch.device,
+    tta: bool = False,
+    batch: int = 16,
+) -> np.ndarray:
+    """Mean softmax (C, Z, Y, X) float32 over ``models`` (an ensemble) and flips (TTA).
+
+    2.5D: slice z is predicted from slices ``window_indices(z, context)`` as channels.
+    TTA averages the identity with left-right and anterior-posterior flips.
+    """
+    depth = image.shape[0]
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    flips: list[tuple[int, ...]] = [(), (3,), (2,)] if tta else [()]
+    autocast = device.type == "cuda"
+    total: np.ndarray | None = None
+    for model in models:
+        model.eval()
+        for start in range(0, depth, batch):
+            zs = range(start, min(start + batch, depth))
+            stacks = torch.stack(
+                [volume[torch.from_numpy(window_indices(z, context, depth)).to(device)] for z in zs]
+            )
+            probs = torch.zeros((), device=device)
+            for dims in flips:
+                x = stacks.flip(dims) if dims else stacks
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(x).float()
+                p = logits.softmax(1)
+                probs = probs + (p.flip(dims) if dims else p)
+            chunk = (probs / len(flips)).permute(1, 0, 2, 3).cpu().numpy()
+            if total is None:
+                total = np.zeros((chunk.shape[0], *image.shape), dtype=np.float32)
+            total[:, start : start + len(zs)] += chunk
+    assert total is not None, "no models given"
+    return total / len(models)
+
+
+def to_native(stored_labels: np.ndarray, scan: PreparedScan) -> np.ndarray:
+    """Labels on the stored grid -> the scan's canonical (Z, Y, X) grid, nearest neighbour.
+
+    Outside the stored crop the labels are background. ``from_canonical`` then gives the
+    file's own (i, j, k) order.
+    """
+    target = Grid(scan.geometry.canonical_shape, scan.geometry.canonical_affine, (0, 0, 0))
+    return resample_to_grid(
+        np.ascontiguousarray(stored_labels, dtype=np.uint8),
+        scan.grid.affine,
+        target,
+        "nearest",
+        0,
+    )
+
+
+def keep_largest_liver(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest 26-connected component of liver (labels 1 and 2)."""
+    liver = np.ascontiguousarray(labels >= Label.LIVER)
+    if not liver.any():
+        return labels
+    keep = cc3d.largest_k(liver, k=1, connectivity=26) > 0
+    return np.where(keep, labels, np.uint8(0)).astype(np.uint8)
+
+
+def tumour_inside_liver(labels: np.ndarray) -> np.ndarray:
+    """Drop tumour that lies in a component of (1 or 2) with no liver parenchyma (1)."""
+    foreground = np.ascontiguousarray(labels >= Label.LIVER)
+    components = cc3d.connected_components(foreground, connectivity=26)
+    with_liver = np.unique(components[labels == Label.LIVER])
+    orphan = (labels == Label.TUMOUR) & ~np.isin(components, with_liver)
+    out = labels.copy()
+    out[orphan] = 0
+    return out
+
+
+def native_labels(
+    stored_labels: np.ndarray, scan: PreparedScan, largest_liver: bool, tumour_in_liver: bool
+) -> np.ndarray:
+    """Stored-grid labels -> post-processed labels in the file's (i, j, k) order."""
+    canonical = to_native(stored_labels, scan)
+    if largest_liver:
+        canonical = keep_largest_liver(canonical)
+    if tumour_in_liver:
+        canonical = tumour_inside_liver(canonical)
+    return from_canonical(canonical, scan.geometry)

@@ -1,0 +1,249 @@
+"""Prediction: masks on the input's exact grid, whatever its encoding; measurements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_nifti
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+from liverpipe.errors import LiverpipeError
+from liverpipe.geometry import CanonicalGeometry
+from liverpipe.inference import native_labels, prepare_scan
+from liverpipe.measure import longest_axial_diameter, measure
+from liverpipe.nifti import case_id_of
+from liverpipe.predict import PostProcess, Predictor, load_run, predict_path
+from liverpipe.preprocess import canonical_view, resample_label
+from liverpipe.settings import PreprocessConfig
+
+
+def _reencode(
+    src: Path, dst: Path, codes: str, *, big_endian: bool = False, rotate: float = 0.0
+) -> Path:
+    """The same voxels in another storage order (``codes``), byte order or an oblique frame."""
+    image = nib.load(src)
+    data = np.asanyarray(image.dataobj)
+    current = nib.io_orientation(image.affine)
+    transform = ornt_transform(current, axcodes2ornt(tuple(codes)))
+    data = apply_orientation(data, transform)
+    affine = image.affine @ inv_ornt_aff(transform, image.shape)
+    if rotate:
+        c, s = np.cos(rotate), np.sin(rotate)
+        turn = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        affine = turn @ affine
+    if big_endian:
+        data = data.astype(data.dtype.newbyteorder(">"))
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=2)
+    if big_endian:
+        out = nib.Nifti1Image(data, affine, out.header.as_byteswapped(">"))
+    nib.save(out, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_runs: Path) -> Predictor:
+    return Predictor([load_run(tiny_runs / "deeplabv3plus")])
+
+
+def _world(mask_path: Path) -> np.ndarray:
+    """A mask as a canonical (RAS) array, to compare masks stored in different orders."""
+    image = nib.load(mask_path)
+    return np.asarray(nib.as_closest_canonical(image).dataobj)
+
+
+@pytest.mark.parametrize(
+    ("codes", "big_endian", "rotate"),
+    [("LPS", False, 0.0), ("SAR", True, 0.0), ("RAS", False, 0.3), ("IPL", True, 0.2)],
+)
+def test_mask_has_the_inputs_exact_grid_and_header(
+    phantom_dir: Path,
+    predictor: Predictor,
+    tmp_path: Path,
+    codes: str,
+    big_endian: bool,
+    rotate: float,
+) -> None:
+    source = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    scan = _reencode(source, tmp_path / "scan.nii.gz", codes, big_endian=big_endian, rotate=rotate)
+    predict_path(predictor, scan, tmp_path / "mask.nii.gz")
+    given_image, mask = nib.load(scan), nib.load(tmp_path / "mask.nii.gz")
+    assert mask.shape == given_image.shape
+    assert np.array_equal(mask.affine, given_image.affine)
+    assert np.array_equal(mask.header.get_qform(), given_image.header.get_qform())
+    assert np.array_equal(mask.header.get_sform(), given_image.header.get_sform())
+    assert int(mask.header["qform_code"]) == 1 and int(mask.header["sform_code"]) == 2
+    assert mask.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+    record = json.loads((tmp_path / "mask.json").read_text())
+    assert record["scan"] == str(scan) and record["liver_volume_ml"] >= 0
+
+
+def test_storage_order_and_byte_order_do_not_change_the_mask(
+    phantom_dir: Path, predictor: Predictor, tmp_path: Path
+) -> None:
+    source = sorted((phantom_dir / "imagesTr").iterdir())[1]
+    masks = []
+    for codes, big in (("RAS", False), ("LPS", False), ("PIR", True)):
+        scan = _reencode(source, tmp_path / f"{codes}.nii.gz", codes, big_endian=big)
+        predict_path(predictor, scan, tmp_path / f"{codes}_mask.nii.gz")
+        masks.append(_world(tmp_path / f"{codes}_mask.nii.gz"))
+    assert masks[0].any()  # the model predicts something, so the comparison means something
+    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[0], masks[2])
+
+
+def _boundary_band(label: np.ndarray, reach: tuple[int, int, int]) -> np.ndarray:
+    """Voxels whose (per-axis) neighbourhood of ``reach`` holds more than one label."""
+    from scipy import ndimage
+
+    size = tuple(2 * r + 1 for r in reach)
+    return ndimage.maximum_filter(label, size=size) != ndimage.minimum_filter(label, size=size)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    codes=st.sampled_from(["RAS", "LPS", "LAI", "PIR", "SPL", "IRA"]),
+    spacing=st.tuples(
+        st.sampled_from([0.7, 1.0, 1.6]),
+        st.sampled_from([0.7, 1.0, 1.6]),
+        st.sampled_from([1.0, 2.5, 4.0]),
+    ),
+    target=st.sampled_from([(1.0, 1.0, 2.5), (2.0, 2.0, 2.0), (1.5, 1.5, 5.0)]),
+    seed=st.integers(0, 2**16),
+)
+def test_oracle_round_trip_keeps_labels_within_half_a_voxel(
+    tmp_path: Path,
+    codes: str,
+    spacing: tuple[float, float, float],
+    target: tuple[float, float, float],
+    seed: int,
+) -> None:
+    """Forward (the store's label path) then back, with the store's labels as the "model"."""
+    rng = np.random.default_rng(seed)
+    shape = (36, 40, 18)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    centre = np.array(shape) / 2 + rng.uniform(-3, 3, 3)
+    radii = np.array([12.0, 14.0, 6.0]) * rng.uniform(0.8, 1.1, 3)
+    r = (
+        ((zz - centre[0]) / radii[0]) ** 2
+        + ((yy - centre[1]) / radii[1]) ** 2
+        + ((xx - centre[2]) / radii[2]) ** 2
+    )
+    label = np.where(r < 1, 1, 0).astype(np.uint8)
+    label[r < 0.25] = 2
+    image = np.where(label > 0, 60, -100).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    ras_image = write_nifti(tmp_path / "ras.nii.gz", image, affine)
+    write_nifti(tmp_path / "ras_label.nii.gz", label, affine)
+    scan_path = _reencode(ras_image, tmp_path / "scan.nii.gz", codes)
+    label_path = _reencode(tmp_path / "ras_label.nii.gz", tmp_path / "label.nii.gz", codes)
+    truth = np.asarray(nib.load(label_path).dataobj)
+    config = PreprocessConfig(
+        target_spacing=target, slice_size=(96, 96), label_interpolation="nearest"
+    )
+    scan = prepare_scan(scan_path, config)
+    geometry = CanonicalGeometry.of(truth.shape, nib.load(label_path).affine)
+    stored = resample_label(
+        canonical_view(truth, geometry), geometry.canonical_affine, scan.grid, "nearest"
+    )
+    back = native_labels(stored, scan, largest_liver=False, tumour_in_liver=False)
+    assert back.shape == truth.shape
+    native_spacing = np.array(nib.load(label_path).header.get_zooms()[:3])
+    file_target = np.abs(nib.io_orientation(nib.load(label_path).affine)[:, 0].astype(int))
+    reach = tuple(
+        int(np.ceil(0.5 * np.asarray(target)[a] / s))
+        for a, s in zip(file_target, native_spacing, strict=True)
+    )
+    wrong = back != truth
+    assert not (wrong & ~_boundary_band(truth, reach)).any()  # errors only at borders
+    assert wrong.sum() < 0.5 * (truth > 0).sum()
+
+
+def test_folder_prediction_goes_on_past_a_bad_scan(
+    phantom_dir: Path, predictor: Predictor, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    scans = sorted((phantom_dir / "imagesTr").iterdir())[:2]
+    for scan in scans:
+        (inbox / scan.name).write_bytes(scan.read_bytes())
+    (inbox / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    results = predict_path(predictor, inbox, tmp_path / "out")
+    assert isinstance(results[inbox / "broken.nii.gz"], LiverpipeError)
+    assert "broken.nii.gz" in str(results[inbox / "broken.nii.gz"])
+    for scan in scans:
+        name = case_id_of(scan)
+        assert nib.load(tmp_path / "out" / f"{name}.nii.gz").shape == nib.load(scan).shape
+        assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["mask"].endswith(
+            f"{name}.nii.gz"
+        )
+
+
+def test_ensemble_tta_and_post_processing_switches(
+    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    runs = [load_run(tiny_runs / m) for m in ("unetplusplus", "manet", "deeplabv3plus")]
+    plain, _ = Predictor(runs, post=PostProcess(False, False)).labels(scan)
+    cleaned, _ = Predictor(runs).labels(scan)
+    with_tta, _ = Predictor(runs, tta=True).labels(scan)
+    assert plain.shape == cleaned.shape == with_tta.shape
+    from liverpipe.metrics import class_masks
+
+    # post-processing only removes voxels, and leaves at most one liver component
+    assert not (cleaned.astype(bool) & ~plain.astype(bool)).any()
+    import cc3d
+
+    assert cc3d.connected_components(class_masks(cleaned)["liver"], connectivity=26).max() <= 1
+
+
+def test_run_without_checkpoint_is_refused(tiny_runs: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "run"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_runs / "manet" / "config.json").read_text())
+    with pytest.raises(LiverpipeError, match=r"no checkpoint .* Fix: let the training finish"):
+        load_run(empty)
+    with pytest.raises(LiverpipeError, match="not a training run folder"):
+        load_run(tmp_path)
+
+
+def test_measurements_of_known_lesions() -> None:
+    labels = np.zeros((40, 40, 20), np.uint8)  # (i, j, k) = (x, y, z), RAS
+    labels[5:35, 5:35, 2:18] = 1
+    labels[10:20, 10:20, 5:9] = 2  # 10 x 10 pixels at 0.8 mm: diagonal 11.31 mm
+    labels[25, 25, 10] = 2  # a single voxel
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, 20.0, 30.0]
+    result = measure(labels, affine)
+    voxel_ml = 0.8 * 0.8 * 2.0 / 1000
+    assert result["tumour_count"] == 2
+    big, small = result["lesions"]
+    assert big["volume_ml"] == pytest.approx(400 * voxel_ml)
+    assert big["longest_axial_diameter_mm"] == pytest.approx(np.hypot(8.0, 8.0))
+    assert small["longest_axial_diameter_mm"] == pytest.approx(np.hypot(0.8, 0.8))
+    assert big["centroid_ras_mm"] == pytest.approx(
+        [-10 + 14.5 * 0.8, 20 + 14.5 * 0.8, 30 + 6.5 * 2.0]
+    )
+    assert result["liver_volume_ml"] == pytest.approx(30 * 30 * 16 * voxel_ml)
+    assert result["tumour_burden_percent"] == pytest.approx(100 * 401 / (30 * 30 * 16))
+    # the same voxels stored LPS measure the same
+    lps = labels[::-1, ::-1, :]
+    lps_affine = affine @ np.array([[-1, 0, 0, 39], [0, -1, 0, 39], [0, 0, 1, 0], [0, 0, 0, 1]])
+    again = measure(lps, lps_affine)
+    assert again["lesions"][0]["centroid_ras_mm"] == pytest.approx(big["centroid_ras_mm"])
+    assert again["tumour_burden_percent"] == pytest.approx(result["tumour_burden_percent"])
+
+
+def test_diameter_of_a_line_of_pixels_is_its_length() -> None:
+    mask = np.zeros((1, 5, 30), bool)
+    mask[0, 2, 3:23] = True  # 20 pixels along x, collinear
+    assert longest_axial_diameter(mask, (0.5, 1.0)) == pytest.approx(np.hypot(10.0, 1.0))

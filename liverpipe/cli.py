@@ -415,6 +415,67 @@ def predict_cmd(
         raise typer.Exit(1)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    store: Annotated[Path, typer.Option("--store", "-s", help="The store the runs trained on.")],
+    runs: Annotated[
+        Path, typer.Option("--runs", "-r", help="Runs folder of `liverpipe train-all`.")
+    ] = Path("runs"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Report folder: metrics.json, report.md/.html.")
+    ] = Path("report"),
+    split: Annotated[
+        list[str] | None,
+        typer.Option(help="Split(s) to score: train, val, test; repeatable. Default: all three."),
+    ] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average flips at test time.")] = False,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+) -> None:
+    """Score every run under RUNS and their ensemble on native grids; write the report.
+
+    Example: liverpipe evaluate --store stores/liver.zarr --runs runs --out report
+    """
+    import torch
+
+    from liverpipe.evaluate import SPLITS, evaluate
+    from liverpipe.report import headline_rows, write_report
+
+    splits = split or list(SPLITS)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise typer.BadParameter(f"unknown split(s) {unknown}; use train, val or test")
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    with _progress() as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = evaluate(
+            store,
+            runs,
+            splits,
+            dev,
+            tta,
+            on_case=lambda s, c: bar.update(task, description=f"evaluating {s}/{c}", advance=1),
+        )
+    paths = write_report(result, runs, out)
+    aggregates = json.loads(paths["metrics"].read_text())["aggregates"]
+    table = Table(title="headline (mean over cases)")
+    for column in (
+        "model",
+        "liver Dice",
+        "tumour Dice",
+        "tumour global Dice",
+        "liver HD95",
+        "tumour HD95",
+        "lesion F1",
+    ):
+        table.add_column(column)
+    for row in headline_rows(aggregates):
+        table.add_row(*row)
+    Console().print(table)
+    typer.echo(f"report: {paths['html']} (metrics: {paths['metrics']})")
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved configuration (defaults, file, LIVERPIPE_* variables) as JSON.

@@ -1,0 +1,251 @@
+"""Evaluate every trained run (and their ensemble) on the store's splits, on native grids.
+
+Each case is preprocessed once from its source scan with the store's recorded config;
+each model's prediction goes back through the exact inverse of preprocessing (the same
+path as ``liverpipe predict``, post-processing included) and is scored against the
+source label file on the scan's own grid. The loss (Dice + cross-entropy, as trained)
+is computed on the stored grid against the stored labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+
+from liverpipe.errors import LiverpipeError
+from liverpipe.geometry import to_canonical
+from liverpipe.inference import PreparedScan, native_labels, predict_probabilities, prepare_scan
+from liverpipe.metrics import CLASSES, EMPTY_RULE, LESION_RULE, LesionCounts, case_metrics
+from liverpipe.nifti import read_header, read_voxels
+from liverpipe.predict import PostProcess, Run, load_run
+from liverpipe.train import CheckpointMismatchError
+from storage import SliceStore
+
+__all__ = ["SPLITS", "Evaluation", "evaluate", "find_runs"]
+
+SPLITS = ("train", "val", "test")
+ENSEMBLE = "ensemble"
+SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd95", "assd", "rvd")
+
+
+def find_runs(runs_dir: Path) -> list[Path]:
+    """Run folders (with config.json) directly under ``runs_dir``, sorted by name."""
+    found = (
+        sorted(p for p in Path(runs_dir).iterdir() if (p / "config.json").is_file())
+        if Path(runs_dir).is_dir()
+        else []
+    )
+    if not found:
+        raise LiverpipeError(
+            runs_dir,
+            "no training runs here (no RUNS/<model>/config.json)",
+            "pass the --out folder of `liverpipe train-all`",
+        )
+    return found
+
+
+def _check_store(run: Run, store: SliceStore) -> None:
+    if run.store_config_hash != store.meta.config_hash:
+        raise CheckpointMismatchError(
+            run.checkpoint,
+            f"the model was trained on a store with config {run.store_config_hash}, but "
+            f"{store.root} has config {store.meta.config_hash}",
+            "evaluate against the store the run was trained on, or retrain on this store",
+        )
+
+
+def _loss(probs: np.ndarray, label: np.ndarray) -> float:
+    """Dice + cross-entropy of mean probabilities (C, Z, Y, X) against stored labels."""
+    log_p = torch.from_numpy(np.log(np.clip(probs, 1e-7, 1.0))).permute(1, 0, 2, 3)
+    target = torch.from_numpy(label.astype(np.int64))
+    dice = smp.losses.DiceLoss("multiclass", from_logits=True)(log_p, target)
+    return float(dice + torch.nn.functional.nll_loss(log_p, target))
+
+
+@dataclass
+class Evaluation:
+    """Per-case rows, aggregates and the overlay material the report draws."""
+
+    store: str
+    config_hash: str
+    models: list[str]
+    splits: dict[str, list[str]]
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    overlays: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def aggregates(self) -> dict[str, dict[str, Any]]:
+        """model -> split -> loss, accuracy, per-class mean/std/median, global Dice, lesions."""
+        out: dict[str, dict[str, Any]] = {}
+        for model in self.models:
+            out[model] = {}
+            for split in self.splits:
+                rows = [c for c in self.cases if c["model"] == model and c["split"] == split]
+                if rows:
+                    out[model][split] = _aggregate(rows)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return _finite(
+            {
+                "store": self.store,
+                "config_hash": self.config_hash,
+                "models": self.models,
+                "splits": {s: len(ids) for s, ids in self.splits.items()},
+                "empty_rule": EMPTY_RULE,
+                "lesion_rule": LESION_RULE,
+                "aggregates": self.aggregates(),
+                "cases": self.cases,
+                "skipped": self.skipped,
+            }
+        )
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | int]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
+    return {
+        "mean": float(np.mean(finite)),
+        "std": float(np.std(finite)),
+        "median": float(np.median(finite)),
+        "n": len(finite),
+    }
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    classes: dict[str, dict[str, Any]] = {}
+    for name in CLASSES:
+        per = [r["classes"][name] for r in rows]
+        tp, fp, fn = (sum(p[k] for p in per) for k in ("tp", "fp", "fn"))
+        classes[name] = {m: _stats([p[m] for p in per]) for m in SUMMARY_METRICS}
+        classes[name]["global_dice"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+        classes[name]["true_negative_cases"] = sum(
+            1 for p in per if p["tp"] + p["fp"] + p["fn"] == 0
+        )
+    lesions = sum(
+        (
+            LesionCounts(
+                *(
+                    r["lesions"][k]
+                    for k in ("true_lesions", "detected", "predicted", "true_positive")
+                )
+            )
+            for r in rows
+        ),
+        LesionCounts(0, 0, 0, 0),
+    )
+    return {
+        "cases": len(rows),
+        "loss": _stats([r["loss"] for r in rows]),
+        "pixel_accuracy": _stats([r["pixel_accuracy"] for r in rows]),
+        "classes": classes,
+        "lesions": lesions.as_dict(),
+    }
+
+
+def _finite(value: Any) -> Any:
+    """NaN -> None so that metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate(
+    store_path: Path,
+    runs_dir: Path,
+    splits: Sequence[str] = SPLITS,
+    device: torch.device | None = None,
+    tta: bool = False,
+    post: PostProcess | None = None,
+    on_case: Callable[[str, str], None] | None = None,
+) -> Evaluation:
+    """Score every run under ``runs_dir`` (and their ensemble) on ``splits`` of the store."""
+    device = device or torch.device("cpu")
+    post = post or PostProcess()
+    store = SliceStore.open(store_path)
+    runs = [load_run(p, device) for p in find_runs(runs_dir)]
+    for run in runs:
+        _check_store(run, store)
+    names = [r.name for r in runs] + ([ENSEMBLE] if len(runs) > 1 else [])
+    chosen = {s: store.cases(s) for s in splits}  # type: ignore[arg-type]
+    result = Evaluation(str(store.root), store.meta.config_hash, names, chosen)
+    first = runs[0]
+    for split, case_ids in chosen.items():
+        for case_id in case_ids:
+            if on_case:
+                on_case(split, case_id)
+            meta = store.case(case_id).meta
+            if (
+                meta.source_label is None
+                or not Path(meta.source_label).is_file()
+                or not Path(meta.source_image).is_file()
+            ):
+                result.skipped[case_id] = (
+                    "its source scan or label file is no longer where the store recorded it"
+                )
+                continue
+            scan = prepare_scan(Path(meta.source_image), first.preprocess, first.zscore)
+            stored_label = store.case(case_id).load()[1]
+            truth_info = read_header(Path(meta.source_label))
+            truth = np.asarray(read_voxels(truth_info)).astype(np.uint8)
+            probs = {
+                r.name: predict_probabilities(
+                    [r.model], scan.image, r.train.context_slices, device, tta
+                )
+                for r in runs
+            }
+            if len(runs) > 1:
+                probs[ENSEMBLE] = np.mean(list(probs.values()), axis=0)
+            predictions = {}
+            for name, p in probs.items():
+                labels = native_labels(
+                    p.argmax(0).astype(np.uint8), scan, post.largest_liver, post.tumour_in_liver
+                )
+                predictions[name] = labels
+                row = case_metrics(labels, truth, scan.info.spacing)
+                result.cases.append(
+                    {
+                        "case_id": case_id,
+                        "split": split,
+                        "model": name,
+                        "loss": _loss(p, stored_label),
+                        **row,
+                    }
+                )
+            result.overlays[(split, case_id)] = _axial_overlay(scan, truth, predictions)
+    return result
+
+
+def _axial_overlay(
+    scan: PreparedScan, truth: np.ndarray, predictions: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """CT (HU), truth and predictions on the canonical axial slice with the most liver."""
+    affine = scan.info.affine
+    ct, _ = to_canonical(read_voxels(scan.info), affine)
+    t, _ = to_canonical(truth, affine)
+    z = int(np.argmax((t > 0).sum(axis=(1, 2))))
+    out = {"ct": ct[z], "truth": t[z]}
+    for name, labels in predictions.items():
+        out[name] = to_canonical(labels, affine)[0][z]
+    return out
+
+
+def write_metrics(evaluation: Evaluation, out_dir: Path) -> Path:
+    """``out_dir/metrics.json``: strict JSON, NaN written as null."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(evaluation.to_json(), indent=2, allow_nan=False))
+    return path

@@ -1,0 +1,338 @@
+"""The comparison report: metrics.json, report.md and a self-contained report.html.
+
+The report shows the seed project's table (loss, pixel accuracy, Jaccard, precision,
+recall, then Dice and HD95, for the training, validation and test splits), a headline
+table, per-case strip plots, learning curves, best/median/worst overlays, and a
+comparison paragraph generated from the numbers. Plots are matplotlib (Agg) PNGs,
+embedded in the HTML as base64 so the file can be mailed on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from liverpipe.evaluate import Evaluation, write_metrics
+from liverpipe.labels import DEFAULT_HU_WINDOW
+from liverpipe.metrics import EMPTY_RULE, LESION_RULE
+
+__all__ = ["SEED_ROWS", "headline_rows", "seed_value", "write_report"]
+
+SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "Test"}
+SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [
+    ("Loss", ("loss",)),
+    ("Pixel Accuracy", ("pixel_accuracy",)),
+    *[
+        (f"{label} ({cls})", ("classes", cls, key))
+        for label, key in (
+            ("Jaccard", "jaccard"),
+            ("Precision", "precision"),
+            ("Recall", "recall"),
+            ("Dice", "dice"),
+            ("HD95 mm", "hd95"),
+        )
+        for cls in ("liver", "tumour")
+    ],
+]
+HEADLINE = [
+    ("liver Dice", ("classes", "liver", "dice"), True),
+    ("tumour Dice", ("classes", "tumour", "dice"), True),
+    ("tumour global Dice", ("classes", "tumour", "global_dice"), True),
+    ("liver HD95 mm", ("classes", "liver", "hd95"), False),
+    ("tumour HD95 mm", ("classes", "tumour", "hd95"), False),
+    ("lesion F1", ("lesions", "f1"), True),
+]
+
+
+def seed_value(aggregate: dict[str, Any], path: tuple[str, ...]) -> float:
+    """One table cell: the mean over cases (or the pooled value) at ``path``."""
+    value: Any = aggregate
+    for key in path:
+        value = value[key]
+    if isinstance(value, dict):
+        value = value["mean"]
+    return math.nan if value is None else float(value)
+
+
+def _fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.4f}"
+
+
+def headline_split(aggregates: dict[str, dict[str, Any]]) -> str:
+    """The split the headline uses: test if evaluated, else val, else train."""
+    present = {s for per in aggregates.values() for s in per}
+    return next(s for s in ("test", "val", "train") if s in present)
+
+
+def headline_rows(aggregates: dict[str, dict[str, Any]]) -> list[list[str]]:
+    split = headline_split(aggregates)
+    rows = []
+    for model, per in aggregates.items():
+        if split in per:
+            rows.append([model, *(_fmt(seed_value(per[split], path)) for _, path, _ in HEADLINE)])
+    return rows
+
+
+def _comparison(aggregates: dict[str, dict[str, Any]]) -> str:
+    split = headline_split(aggregates)
+    sentences = []
+    for label, path, higher in HEADLINE:
+        scores = {
+            m: seed_value(per[split], path)
+            for m, per in aggregates.items()
+            if split in per and not math.isnan(seed_value(per[split], path))
+        }
+        if len(scores) < 2:
+            continue
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1] if higher else kv[1])
+        (best, top), (second, runner) = ranked[0], ranked[1]
+        if abs(top - runner) < 5e-5:
+            tied = [m for m, v in ranked if abs(v - top) < 5e-5]
+            sentences.append(f"{', '.join(tied)} tie on {label} at {top:.4f}")
+            continue
+        sentences.append(
+            f"{best} leads on {label} with {top:.4f}, {abs(top - runner):.4f} "
+            f"{'ahead of' if higher else 'below'} {second} ({runner:.4f})"
+        )
+    if not sentences:
+        return "Only one model was evaluated, so there is nothing to compare."
+    cases = next(per[split]["cases"] for per in aggregates.values() if split in per)
+    return (
+        f"On the {SPLIT_NAMES[split].lower()} split ({cases} cases): " + "; ".join(sentences) + "."
+    )
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _strip_plots(evaluation: Evaluation) -> bytes:
+    panels = [("liver", "dice"), ("tumour", "dice"), ("liver", "hd95"), ("tumour", "hd95")]
+    fig = Figure(figsize=(4 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels))
+    rng = np.random.default_rng(0)
+    for ax, (cls, metric) in zip(axes, panels, strict=True):
+        for i, model in enumerate(evaluation.models):
+            values = [
+                c["classes"][cls][metric]
+                for c in evaluation.cases
+                if c["model"] == model and not math.isnan(c["classes"][cls][metric])
+            ]
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14, alpha=0.7)
+            if values:
+                ax.hlines(np.median(values), i - 0.3, i + 0.3, color="k")
+        ax.set_xticks(range(len(evaluation.models)), evaluation.models, rotation=30)
+        ax.set_title(f"{cls} {metric}")
+    fig.suptitle("Per case, all evaluated splits (bar: median)")
+    return _png(fig)
+
+
+def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
+    fig = Figure(figsize=(10, 3.6))
+    loss_ax, val_ax = fig.subplots(1, 2)
+    drawn = False
+    for model in models:
+        history = runs_dir / model / "history.jsonl"
+        if not history.is_file():
+            continue
+        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        steps = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        vals = [
+            (r["step"], r["val"]["mean_fg_dice"])
+            for r in rows
+            if r.get("val") and r["val"].get("mean_fg_dice") is not None
+        ]
+        if steps:
+            loss_ax.plot(*zip(*steps, strict=True), label=model)
+            drawn = True
+        if vals:
+            val_ax.plot(*zip(*vals, strict=True), marker="o", label=model)
+    if not drawn:
+        return None
+    loss_ax.set(title="training loss", xlabel="step")
+    val_ax.set(title="validation mean foreground Dice", xlabel="step")
+    loss_ax.legend()
+    return _png(fig)
+
+
+def _overlays(evaluation: Evaluation, split: str) -> dict[str, bytes]:
+    """Best, median and worst case (by liver Dice) of each model: CT with contours."""
+    low, high = DEFAULT_HU_WINDOW
+    figures = {}
+    for model in evaluation.models:
+        rows = [c for c in evaluation.cases if c["model"] == model and c["split"] == split]
+        rows = [r for r in rows if not math.isnan(r["classes"]["liver"]["dice"])]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: r["classes"]["liver"]["dice"])
+        picks = {"worst": rows[0], "median": rows[len(rows) // 2], "best": rows[-1]}
+        fig = Figure(figsize=(12, 4.2))
+        axes = fig.subplots(1, 3)
+        for ax, (title, row) in zip(axes, picks.items(), strict=True):
+            # radiological view: patient's right on the image's left, anterior up
+            slices = {
+                k: v[:, ::-1] for k, v in evaluation.overlays[(split, row["case_id"])].items()
+            }
+            ax.imshow(np.clip(slices["ct"], low, high), cmap="gray", origin="lower")
+            for mask, colour, style in (
+                (slices["truth"] >= 1, "lime", "solid"),
+                (slices["truth"] == 2, "yellow", "solid"),
+                (slices[model] >= 1, "red", "dashed"),
+                (slices[model] == 2, "magenta", "dashed"),
+            ):
+                if mask.any() and not mask.all():
+                    ax.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1)
+            dice = row["classes"]["liver"]["dice"]
+            ax.set_title(f"{title}: {row['case_id']}\nliver Dice {dice:.3f}", fontsize=9)
+            ax.axis("off")
+        fig.suptitle(
+            f"{model} ({split}): truth solid (liver green, tumour yellow), "
+            "prediction dashed (red, magenta); radiological view"
+        )
+        figures[model] = _png(fig)
+    return figures
+
+
+def _seed_tables_md(aggregates: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for model, per in aggregates.items():
+        splits = [s for s in SPLIT_NAMES if s in per]
+        lines = [
+            f"#### {model}",
+            "",
+            "| metric | " + " | ".join(SPLIT_NAMES[s] for s in splits) + " |",
+            "|---|" + "---|" * len(splits),
+        ]
+        for label, path in SEED_ROWS:
+            cells = [_fmt(seed_value(per[s], path)) for s in splits]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _seed_tables_html(aggregates: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for model, per in aggregates.items():
+        splits = [s for s in SPLIT_NAMES if s in per]
+        head = "".join(f"<th>{SPLIT_NAMES[s]}</th>" for s in splits)
+        body = "".join(
+            f'<tr><th scope="row">{html.escape(label)}</th>'
+            + "".join(
+                f'<td data-split="{s}" data-metric="{".".join(path)}">{_fmt(seed_value(per[s], path))}</td>'
+                for s in splits
+            )
+            + "</tr>"
+            for label, path in SEED_ROWS
+        )
+        parts.append(
+            f'<h4>{html.escape(model)}</h4><table class="seed" data-model="{html.escape(model)}">'
+            f"<tr><th>metric</th>{head}</tr>{body}</table>"
+        )
+    return "\n".join(parts)
+
+
+def _context(evaluation: Evaluation) -> str:
+    sizes = ", ".join(
+        f"{SPLIT_NAMES[s].lower()} {len(ids)}" for s, ids in evaluation.splits.items()
+    )
+    skipped = (
+        f" Skipped: {len(evaluation.skipped)} case(s) whose source files are gone."
+        if evaluation.skipped
+        else ""
+    )
+    return (
+        f"Store `{evaluation.store}` (preprocessing config {evaluation.config_hash}). Cases per split: "
+        f"{sizes}. Metrics are computed per case on each scan's native grid after mapping the "
+        f"prediction back through the inverse of preprocessing; the loss (Dice + cross-entropy) "
+        f"on the stored grid. Liver is labels 1 and 2, tumour label 2.{skipped}"
+    )
+
+
+def write_report(evaluation: Evaluation, runs_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Write metrics.json, report.md, report.html and the PNGs into ``out_dir``."""
+    metrics_path = write_metrics(evaluation, out_dir)
+    aggregates = json.loads(metrics_path.read_text())["aggregates"]
+    aggregates = _nan_back(aggregates)
+    split = headline_split(aggregates)
+    images = {"per_case": _strip_plots(evaluation)}
+    curves = _learning_curves(runs_dir, [m for m in evaluation.models if (runs_dir / m).is_dir()])
+    if curves:
+        images["learning_curves"] = curves
+    images.update({f"overlay_{m}": png for m, png in _overlays(evaluation, split).items()})
+    for name, png in images.items():
+        (out_dir / f"{name}.png").write_bytes(png)
+    head = ["model", *(label for label, _, _ in HEADLINE)]
+    rows = headline_rows(aggregates)
+    comparison = _comparison(aggregates)
+    md = [
+        "# liverpipe evaluation report",
+        "",
+        _context(evaluation),
+        "",
+        f"## Headline ({SPLIT_NAMES[split].lower()} split, mean over cases)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        comparison,
+        "",
+        "## Seed-project table (mean over cases)",
+        "",
+        _seed_tables_md(aggregates),
+        "",
+        "## Rules",
+        "",
+        f"- Empty ground truth: {EMPTY_RULE}",
+        f"- Lesion detection: {LESION_RULE}",
+        "",
+        "## Figures",
+        "",
+        *(f"![{name}]({name}.png)" for name in images),
+        "",
+    ]
+    (out_dir / "report.md").write_text("\n".join(md))
+    figures = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, png in images.items()
+    )
+    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    rows_html = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>liverpipe evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>liverpipe evaluation report</h1><p>{html.escape(_context(evaluation))}</p>
+<h2>Headline ({SPLIT_NAMES[split].lower()} split, mean over cases)</h2>
+<table class="headline"><tr>{head_html}</tr>{rows_html}</table>
+<p class="comparison">{html.escape(comparison)}</p>
+<h2>Seed-project table (mean over cases)</h2>{_seed_tables_html(aggregates)}
+<h2>Rules</h2><p class="empty-rule">{html.escape(EMPTY_RULE)}</p><p>{html.escape(LESION_RULE)}</p>
+<h2>Figures</h2>{figures}</body></html>
+"""
+    (out_dir / "report.html").write_text(page)
+    return {
+        "metrics": metrics_path,
+        "markdown": out_dir / "report.md",
+        "html": out_dir / "report.html",
+    }
+
+
+def _nan_back(value: Any) -> Any:
+    """metrics.json's nulls back to NaN, so the report reads exactly what the JSON says."""
+    if isinstance(value, dict):
+        return {k: _nan_back(v) for k, v in value.items()}
+    return math.nan if value is None else value

@@ -1,0 +1,160 @@
+"""Evaluation and the report on a tiny trained run: numbers, tables, figures, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO
+
+from liverpipe.evaluate import evaluate
+from liverpipe.metrics import class_masks, dice
+from liverpipe.pipeline import preprocess_dataset, serial_runner
+from liverpipe.predict import Predictor, load_run, predict_path
+from liverpipe.settings import load_settings
+from liverpipe.train import CheckpointMismatchError
+from storage import SliceStore
+
+MODELS = ["deeplabv3plus", "ensemble", "manet", "unetplusplus"]
+
+
+class _Tables(HTMLParser):
+    """Collects seed-table cells (model, split, metric) -> text, and image sources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple[str, str, str], str] = {}
+        self.images: list[str] = []
+        self._model = ""
+        self._cell: tuple[str, str, str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table" and a.get("class") == "seed":
+            self._model = a["data-model"] or ""
+        elif tag == "td" and "data-metric" in a:
+            self._cell = (self._model, a["data-split"] or "", a["data-metric"] or "")
+        elif tag == "img":
+            self.images.append(a["src"] or "")
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self.cells[self._cell] = data.strip()
+            self._cell = None
+
+
+@pytest.fixture(scope="module")
+def report(tiny_store: Path, tiny_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    out = tmp_path_factory.mktemp("report")
+    args = ["evaluate", "--store", str(tiny_store), "--runs", str(tiny_runs), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.stdout and "headline" in result.stdout
+    return out
+
+
+def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -> None:
+    metrics = json.loads((report / "metrics.json").read_text())
+    parser = _Tables()
+    parser.feed((report / "report.html").read_text())
+    assert sorted(metrics["models"]) == MODELS
+    checked = 0
+    for model, per_split in metrics["aggregates"].items():
+        for split, aggregate in per_split.items():
+            for metric in (
+                "loss",
+                "pixel_accuracy",
+                "classes.liver.dice",
+                "classes.tumour.hd95",
+                "classes.liver.jaccard",
+                "classes.tumour.recall",
+            ):
+                value = aggregate
+                for key in metric.split("."):
+                    value = value[key]
+                mean = value["mean"]
+                cell = parser.cells[(model, split, metric)]
+                assert cell == ("–" if mean is None else f"{mean:.4f}"), (model, split, metric)
+                checked += 1
+    assert checked >= 6 * 2 * len(MODELS)
+    pngs = [
+        base64.b64decode(src.split(",", 1)[1])
+        for src in parser.images
+        if src.startswith("data:image/png;base64,")
+    ]
+    assert len(pngs) == len(parser.images) >= 3 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    html = (report / "report.html").read_text()
+    assert "absent from both the ground truth and the prediction" in html  # the empty rule
+    assert (report / "report.md").read_text().count("| Dice (liver) |") == len(
+        metrics["aggregates"]
+    )
+
+
+def test_every_case_is_scored_for_every_model_with_sane_values(
+    report: Path, tiny_store: Path
+) -> None:
+    metrics = json.loads((report / "metrics.json").read_text())
+    store = SliceStore.open(tiny_store)
+    expected = {c for s in ("train", "val", "test") for c in store.cases(s)}
+    for model in MODELS:
+        rows = [c for c in metrics["cases"] if c["model"] == model]
+        assert {r["case_id"] for r in rows} == expected
+        for row in rows:
+            assert 0 <= row["pixel_accuracy"] <= 1 and row["loss"] > 0
+            for cls in ("liver", "tumour"):
+                d = row["classes"][cls]["dice"]
+                assert d is None or 0 <= d <= 1
+    for model, per in metrics["aggregates"].items():
+        assert sum(agg["cases"] for agg in per.values()) == len(expected), model
+
+
+def test_evaluation_scores_what_predict_writes(
+    phantom_dir: Path, tiny_store: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    """The native-grid Dice in the evaluation is the Dice of `predict`'s mask file."""
+    store = SliceStore.open(tiny_store)
+    case_id = store.cases("train")[0]
+    meta = store.case(case_id).meta
+    result = evaluate(tiny_store, tiny_runs, ["train"])
+    row = next(c for c in result.cases if c["case_id"] == case_id and c["model"] == "manet")
+    predict_path(
+        Predictor([load_run(tiny_runs / "manet")]), Path(meta.source_image), tmp_path / "m.nii.gz"
+    )
+    mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj)
+    truth = np.asarray(nib.load(meta.source_label).dataobj).astype(np.uint8)
+    for cls in ("liver", "tumour"):
+        expected = dice(class_masks(mask)[cls], class_masks(truth)[cls])
+        got = row["classes"][cls]["dice"]
+        assert (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(
+            expected, abs=1e-9
+        )
+
+
+def test_runs_of_another_store_config_are_refused(
+    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        REPO / "configs" / "tiny.toml", {"preprocess": {"slice_size": (48, 48)}}
+    )
+    preprocess_dataset(phantom_dir, tmp_path / "other.zarr", settings, serial_runner)
+    with pytest.raises(
+        CheckpointMismatchError, match="evaluate against the store the run was trained on"
+    ):
+        evaluate(tmp_path / "other.zarr", tiny_runs)
+
+
+def test_docs_state_the_rules_the_code_applies() -> None:
+    from liverpipe.metrics import EMPTY_RULE, LESION_RULE
+
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    assert EMPTY_RULE in text and LESION_RULE in text

@@ -7,15 +7,18 @@ STAMP := $(VENV)/.installed
 DATA ?=
 DEMO_DIR ?= demo
 DEMO_CASES ?= 8
-DEMO_CONFIG ?= configs/tiny.toml
+DEMO_CONFIG ?= auto
 PYTEST_ARGS ?=
+PREFECT_PORT ?= 4200
+SERVE_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
+export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install test lint demo clean bench
+.PHONY: install test lint demo serve down clean bench
 
 install: $(STAMP)
 
@@ -36,20 +39,43 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check liverpipe storage flows tests bench
 	$(VENV)/bin/mypy
 
-# The main job. Without DATA=..., synthesise a phantom dataset first.
+# The main job, through the Prefect deployments: phantoms (without DATA=...), a local
+# server and the served deployments, then preprocess/preprocess and train-all/train-all.
+# CPU: configs/tiny.toml; with CUDA: configs/full.toml (DEMO_CONFIG=... overrides).
 demo: $(STAMP)
 	@set -e; data="$(DATA)"; \
 	if [ -z "$$data" ]; then \
 	  data=$(DEMO_DIR)/phantoms; \
 	  $(VENV)/bin/liverpipe synth $$data --cases $(DEMO_CASES) --seed 0 --workers 2 --preview; \
 	fi; \
-	$(VENV)/bin/liverpipe check "$$data" || echo "some cases are invalid; preprocess records them and goes on"; \
-	rc=0; $(VENV)/bin/liverpipe preprocess "$$data" --store $(DEMO_DIR)/store.zarr --config $(DEMO_CONFIG) || rc=$$?; \
-	if [ $$rc -gt 1 ]; then exit $$rc; fi; \
-	$(VENV)/bin/liverpipe store info $(DEMO_DIR)/store.zarr
+	data=$$(realpath "$$data"); out=$$(realpath -m $(DEMO_DIR)); config="$(DEMO_CONFIG)"; \
+	if [ "$$config" = auto ]; then \
+	  config=$$($(PY) -c 'import torch; print("configs/full.toml" if torch.cuda.is_available() else "configs/tiny.toml")'); \
+	fi; \
+	echo "demo: data $$data, config $$config, outputs in $$out"; \
+	$(VENV)/bin/liverpipe check "$$data" --config $$config || echo "some cases are invalid; preprocess records them and goes on"; \
+	$(VENV)/bin/liverpipe serve --detach --port $(PREFECT_PORT) --config $$config --store $$out/store.zarr \
+	  --runs $$out/runs --report $$out/report --inbox $$out/inbox --outputs $$out/outputs; \
+	export PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}; \
+	$(VENV)/bin/prefect deployment run preprocess/preprocess -p data_dir="$$data" --watch; \
+	$(VENV)/bin/liverpipe store info $$out/store.zarr; \
+	$(VENV)/bin/prefect deployment run train-all/train-all --watch; \
+	echo; sed -n '/^## Headline/,/^## Seed/p' $$out/report/report.md | sed '$$d'; \
+	echo "report: $$out/report/report.html"; \
+	echo "Prefect UI: $${PREFECT_API_URL%/api} (flow runs, artifacts, the ingest schedule)"; \
+	echo "stop the server and the deployments: make down"
+
+# Serve the deployments in the background (a local server on 127.0.0.1 unless
+# PREFECT_API_URL is set); `make down` stops what it started.
+serve: $(STAMP)
+	$(VENV)/bin/liverpipe serve --detach --port $(PREFECT_PORT) $(SERVE_ARGS)
+
+down: $(STAMP)
+	$(VENV)/bin/liverpipe down
 
 bench: $(STAMP)
 	$(PY) bench/check.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	-@if [ -x $(VENV)/bin/liverpipe ]; then $(VENV)/bin/liverpipe down; fi
+	rm -rf $(DEMO_DIR) .prefect .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,5 +1,9 @@
 """The one adapter between liverpipe and Dask (distributed). Nothing else imports Dask.
 
+``local_cluster_kwargs`` is the one place that says how a LocalCluster is made (loopback,
+one thread per worker process, no dashboard); the CLI's ``dask_map`` and the Prefect
+flows' ``dask_task_runner`` both use it.
+
 ``dask_map`` runs one task per item on a ``LocalCluster`` (one worker per core, one
 thread each) or on an existing scheduler, and yields ``(item, result)`` as tasks finish.
 A task that raises (or whose worker died) yields the exception instead of a result.
@@ -10,16 +14,39 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from distributed import Client, LocalCluster, as_completed
 
 from liverpipe._system import available_cpus
 
-__all__ = ["dask_client", "dask_map"]
+__all__ = ["dask_client", "dask_map", "dask_task_runner", "local_cluster_kwargs"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def local_cluster_kwargs(workers: int = 0) -> dict[str, Any]:
+    """LocalCluster arguments: one single-threaded worker process per core, on 127.0.0.1."""
+    return {
+        "n_workers": workers or available_cpus(),
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "silence_logs": logging.ERROR,
+    }
+
+
+def dask_task_runner(workers: int = 0, address: str | None = None) -> Any:
+    """prefect-dask's DaskTaskRunner: on ``address``, or on a new loopback LocalCluster."""
+    from prefect_dask.task_runners import DaskTaskRunner  # noqa: PLC0415 (Prefect only in flows)
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers)
+    )
 
 
 @contextmanager
@@ -30,14 +57,7 @@ def dask_client(workers: int = 0, address: str | None = None) -> Iterator[Client
             yield client
         return
     with (
-        LocalCluster(
-            n_workers=workers or available_cpus(),
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        ) as cluster,
+        LocalCluster(**local_cluster_kwargs(workers)) as cluster,
         Client(cluster) as client,
     ):
         yield client

@@ -24,7 +24,7 @@ from liverpipe.evaluate import Evaluation, write_metrics
 from liverpipe.labels import DEFAULT_HU_WINDOW
 from liverpipe.metrics import EMPTY_RULE, LESION_RULE
 
-__all__ = ["SEED_ROWS", "headline_rows", "seed_value", "write_report"]
+__all__ = ["HEADLINE", "SEED_ROWS", "headline_rows", "headline_split", "seed_value", "write_report"]
 
 SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "Test"}
 SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [

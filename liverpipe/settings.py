@@ -22,6 +22,7 @@ from liverpipe.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "CheckConfig",
+    "IngestConfig",
     "PreprocessConfig",
     "Settings",
     "StoreConfig",
@@ -179,6 +180,16 @@ class TrainConfig(_Frozen):
         return self
 
 
+class IngestConfig(_Frozen):
+    """The scheduled ``ingest`` flow and the served deployments (``liverpipe serve``)."""
+
+    cron: str = Field("*/10 * * * *", description="Schedule of the ingest deployment (cron).")
+    min_new_cases: int = Field(
+        5, ge=1, description="New labelled cases since the last training that trigger train-all."
+    )
+    tta: bool = Field(False, description="Flip TTA when ingest predicts unlabelled scans.")
+
+
 class Settings(_Frozen):
     """All configuration sections. Each section is its own frozen model."""
 
@@ -187,6 +198,7 @@ class Settings(_Frozen):
     preprocess: PreprocessConfig = PreprocessConfig()
     store: StoreConfig = StoreConfig()
     train: TrainConfig = TrainConfig()
+    ingest: IngestConfig = IngestConfig()
 
     def config_hash(self, section: str) -> str:
         """sha256 of one section's canonical JSON, for provenance records."""
@@ -209,13 +221,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """``LIVERPIPE_CHECK__MAX_DIM=512`` becomes ``{"check": {"max_dim": "512"}}``."""
-    out: dict[str, dict[str, Any]] = {}
+    """``LIVERPIPE_CHECK__MAX_DIM=512`` becomes ``{"check": {"max_dim": 512}}``; deeper
+    keys nest: ``LIVERPIPE_TRAIN__AUGMENT__ELASTIC=true``."""
+    out: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
-        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
-        out.setdefault(section, {})[field] = _parse_env_value(value)
+        *path, field = key[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[field] = _parse_env_value(value)
     return out
 
 

@@ -6,14 +6,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import REPO, write_nifti
 
 from storage import SliceStore
@@ -124,66 +122,6 @@ def test_kill_9_mid_run_then_rerun_resumes(tmp_path: Path, phantom_dir: Path) ->
     for case_id in reopened.cases():
         image, label = reopened.case(case_id).load()
         assert image.shape == label.shape == reopened.case(case_id).meta.shape
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def external_cluster(tmp_path: Path):
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    scheduler = subprocess.Popen(
-        [
-            str(bindir / "dask"),
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-dashboard",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    worker = subprocess.Popen(
-        [
-            str(bindir / "dask"),
-            "worker",
-            address,
-            "--nthreads",
-            "1",
-            "--nworkers",
-            "2",
-            "--no-dashboard",
-            "--host",
-            "127.0.0.1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        from distributed import Client
-
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=120)
-        yield address
-    finally:
-        for proc in (worker, scheduler):
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def test_external_cluster_gives_the_same_store(

@@ -1,0 +1,48 @@
+"""``predict``: masks and measurements for new scans with one run or an ensemble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from liverpipe.predict import Predictor, load_run, predict_path
+
+__all__ = ["predict_scans"]
+
+
+@flow(name="predict", log_prints=True)
+def predict_scans(source: str, output: str, models: list[str], tta: bool = False) -> dict[str, Any]:
+    """Predict SOURCE (a scan or a folder) into OUTPUT with the runs in MODELS (ensembled)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = Predictor([load_run(Path(m), device) for m in models], device, tta)
+    results = predict_path(predictor, Path(source), Path(output))
+    rows = []
+    for scan, outcome in results.items():
+        if isinstance(outcome, Exception):
+            get_run_logger().warning("%s", outcome)
+            rows.append(
+                {
+                    "scan": scan.name,
+                    "mask": "",
+                    "liver_ml": "",
+                    "lesions": "",
+                    "error": str(outcome),
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "scan": scan.name,
+                    "mask": outcome["mask"],
+                    "liver_ml": f"{outcome['liver_volume_ml']:.1f}",
+                    "lesions": str(outcome["tumour_count"]),
+                    "error": "",
+                }
+            )
+    create_table_artifact(rows, key="liverpipe-predictions", description=f"{source} -> {output}")
+    failed = [str(s) for s, r in results.items() if isinstance(r, Exception)]
+    return {"predicted": len(results) - len(failed), "failed": failed}

@@ -1,0 +1,168 @@
+"""Prefect flows: preprocess on Dask (local and external), ingest, and the served deployments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO, free_port
+
+from storage import SliceStore
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+TINY = REPO / "configs" / "tiny.toml"
+
+
+def _copy_case(phantom_dir: Path, index: int, inbox: Path, labelled: bool = True) -> str:
+    image = sorted((phantom_dir / "imagesTr").iterdir())[index]
+    label = phantom_dir / "labelsTr" / image.name
+    if labelled:
+        (inbox / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (inbox / "labelsTr").mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, inbox / "imagesTr" / image.name)
+        shutil.copy(label, inbox / "labelsTr" / image.name)
+    else:
+        (inbox / "imagesTs").mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, inbox / "imagesTs" / image.name)
+    return image.name.split(".")[0]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_preprocess_flow_on_an_external_dask_cluster(
+    phantom_dir: Path, tmp_path: Path, external_cluster: str
+) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.preprocess import preprocess
+
+    store = tmp_path / "s.zarr"
+    result = preprocess(str(phantom_dir), str(store), str(TINY), dask_address=external_cluster)
+    assert sorted(result["processed"]) == sorted(SliceStore.open(store).cases())
+    assert len(result["processed"]) == 4 and result["failed"] == {}
+    again = preprocess(str(phantom_dir), str(store), str(TINY), dask_address=external_cluster)
+    assert again["processed"] == [] and len(again["skipped"]) == 4
+    artifact = Artifact.get("preprocess-cases")
+    assert artifact is not None and "skipped" in str(artifact.data)
+
+
+def test_ingest_processes_only_new_scans_predicts_and_retrains(
+    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    from flows.ingest import STATE, ingest
+
+    config = tmp_path / "ingest.toml"
+    tiny = TINY.read_text().replace("steps = 30", "steps = 2")  # retraining: 2 steps
+    config.write_text(tiny + "\n[ingest]\nmin_new_cases = 3\n")
+    inbox, runs, outputs = tmp_path / "inbox", tmp_path / "runs", tmp_path / "outputs"
+    shutil.copytree(tiny_runs, runs)
+    first = [_copy_case(phantom_dir, i, inbox) for i in (0, 1)]
+    unlabelled = _copy_case(phantom_dir, 3, inbox, labelled=False)
+    params = {
+        "inbox": str(inbox),
+        "store": str(tmp_path / "store.zarr"),
+        "runs": str(runs),
+        "outputs": str(outputs),
+        "config": str(config),
+        "report": str(tmp_path / "report"),
+    }
+    before = _digests(inbox)
+    one = ingest(**params)
+    assert sorted(one["preprocess"]["processed"]) == sorted(first)
+    assert one["trained"] is False and one["predict"]["predicted"] == [unlabelled]
+    scan = nib.load(next((inbox / "imagesTs").iterdir()))
+    mask = nib.load(outputs / f"{unlabelled}.nii.gz")
+    assert mask.shape == scan.shape and np.array_equal(mask.affine, scan.affine)
+    assert json.loads((outputs / f"{unlabelled}.json").read_text())["scan"].endswith(
+        scan.get_filename().rsplit("/", 1)[1]
+    )
+
+    new = _copy_case(phantom_dir, 2, inbox)
+    before = {**before, **{k: v for k, v in _digests(inbox).items() if k not in before}}
+    two = ingest(**params)
+    assert two["preprocess"]["processed"] == [new]
+    assert sorted(two["preprocess"]["skipped"]) == sorted(first)
+    assert two["predict"]["predicted"] == []  # the unlabelled scan was done already
+    assert two["trained"] is True  # 3 labelled cases since the last training (none)
+    assert sorted(json.loads((runs / STATE).read_text())["trained_on"]) == sorted([*first, new])
+    assert (tmp_path / "report" / "report.html").is_file()
+    assert _digests(inbox) == before  # inbox files are never rewritten
+
+
+def test_served_deployment_runs_from_the_prefect_cli(phantom_dir: Path, tmp_path: Path) -> None:
+    """A real local server and serve process; `prefect deployment run` through the CLI."""
+    bindir = Path(sys.executable).parent
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "DO_NOT_TRACK": "1",
+    }
+    store = tmp_path / "store.zarr"
+    serve = subprocess.run(
+        [
+            str(bindir / "liverpipe"),
+            "serve",
+            "--detach",
+            "--port",
+            str(port),
+            "--config",
+            str(TINY),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    try:
+        assert serve.returncode == 0, serve.stdout + serve.stderr
+        assert f"http://127.0.0.1:{port}" in serve.stdout
+        run = subprocess.run(
+            [
+                str(bindir / "prefect"),
+                "deployment",
+                "run",
+                "preprocess/preprocess",
+                "-p",
+                f"data_dir={phantom_dir}",
+                "-p",
+                f"store={store}",
+                "--watch",
+                "--watch-timeout",
+                "400",
+            ],
+            env=env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+            capture_output=True,
+            text=True,
+            timeout=450,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Completed" in run.stdout
+        assert len(SliceStore.open(store).cases()) == 4
+    finally:
+        down = subprocess.run(
+            [str(bindir / "liverpipe"), "down"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert "stopped 2 process(es)" in down.stdout
+    assert not (tmp_path / "home" / "liverpipe-serve.json").exists()

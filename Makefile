@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 DEMO_DIR ?= demo
-DEMO_CASES ?= 8
+DEMO_CASES ?= 10
 DEMO_CONFIG ?= auto
 PYTEST_ARGS ?=
 PREFECT_PORT ?= 4200
@@ -41,7 +41,7 @@ lint: $(STAMP)
 
 # The main job, through the Prefect deployments: phantoms (without DATA=...), a local
 # server and the served deployments, then preprocess/preprocess and train-all/train-all.
-# CPU: configs/tiny.toml; with CUDA: configs/full.toml (DEMO_CONFIG=... overrides).
+# CPU: configs/cpu.toml; with CUDA: configs/full.toml (DEMO_CONFIG=... overrides).
 demo: $(STAMP)
 	@set -e; data="$(DATA)"; \
 	if [ -z "$$data" ]; then \
@@ -50,7 +50,7 @@ demo: $(STAMP)
 	fi; \
 	data=$$(realpath "$$data"); out=$$(realpath -m $(DEMO_DIR)); config="$(DEMO_CONFIG)"; \
 	if [ "$$config" = auto ]; then \
-	  config=$$($(PY) -c 'import torch; print("configs/full.toml" if torch.cuda.is_available() else "configs/tiny.toml")'); \
+	  config=$$($(PY) -c 'import torch; print("configs/full.toml" if torch.cuda.is_available() else "configs/cpu.toml")'); \
 	fi; \
 	echo "demo: data $$data, config $$config, outputs in $$out"; \
 	$(VENV)/bin/liverpipe check "$$data" --config $$config || echo "some cases are invalid; preprocess records them and goes on"; \

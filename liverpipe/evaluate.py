@@ -29,11 +29,62 @@ from liverpipe.predict import PostProcess, Run, load_run
 from liverpipe.train import CheckpointMismatchError
 from storage import SliceStore
 
-__all__ = ["SPLITS", "Evaluation", "evaluate", "find_runs"]
+__all__ = [
+    "SEED_ROWS",
+    "SPLITS",
+    "Evaluation",
+    "aggregate_value",
+    "evaluate",
+    "find_runs",
+    "seed_table",
+]
 
 SPLITS = ("train", "val", "test")
 ENSEMBLE = "ensemble"
 SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd95", "assd", "rvd")
+#: The seed project's table: rows (label, path into an aggregate), one column per model.
+SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [
+    ("Loss", ("loss",)),
+    ("Pixel Accuracy", ("pixel_accuracy",)),
+    *[
+        (f"{label} ({cls})", ("classes", cls, key))
+        for label, key in (
+            ("Jaccard", "jaccard"),
+            ("Precision", "precision"),
+            ("Recall", "recall"),
+            ("Dice", "dice"),
+            ("HD95 mm", "hd95"),
+        )
+        for cls in CLASSES
+    ],
+]
+
+
+def aggregate_value(aggregate: dict[str, Any], path: tuple[str, ...]) -> float:
+    """One cell: the mean over cases (or the pooled value) at ``path`` of an aggregate."""
+    value: Any = aggregate
+    for key in path:
+        value = value[key]
+    if isinstance(value, dict):
+        value = value["mean"]
+    return math.nan if value is None else float(value)
+
+
+def seed_table(aggregates: dict[str, dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    """Rows: split x (Loss, Pixel Accuracy, Jaccard, Precision, Recall, Dice, HD95); columns: models."""
+    rows = []
+    for split in SPLITS:
+        if not any(split in aggregates[m] for m in models):
+            continue
+        for label, path in SEED_ROWS:
+            values = {
+                m: aggregate_value(aggregates[m][split], path)
+                if split in aggregates[m]
+                else math.nan
+                for m in models
+            }
+            rows.append({"split": split, "metric": label, "key": ".".join(path), "values": values})
+    return {"columns": models, "rows": rows}
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
@@ -94,6 +145,7 @@ class Evaluation:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        aggregates = self.aggregates()
         return _finite(
             {
                 "store": self.store,
@@ -102,7 +154,8 @@ class Evaluation:
                 "splits": {s: len(ids) for s, ids in self.splits.items()},
                 "empty_rule": EMPTY_RULE,
                 "lesion_rule": LESION_RULE,
-                "aggregates": self.aggregates(),
+                "seed_table": seed_table(aggregates, self.models),
+                "aggregates": aggregates,
                 "cases": self.cases,
                 "skipped": self.skipped,
             }

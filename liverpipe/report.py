@@ -20,28 +20,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from liverpipe.evaluate import Evaluation, write_metrics
+from liverpipe.evaluate import Evaluation, aggregate_value, write_metrics
 from liverpipe.labels import DEFAULT_HU_WINDOW
 from liverpipe.metrics import EMPTY_RULE, LESION_RULE
 
-__all__ = ["HEADLINE", "SEED_ROWS", "headline_rows", "headline_split", "seed_value", "write_report"]
+__all__ = ["HEADLINE", "headline_rows", "headline_split", "write_report"]
 
 SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "Test"}
-SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [
-    ("Loss", ("loss",)),
-    ("Pixel Accuracy", ("pixel_accuracy",)),
-    *[
-        (f"{label} ({cls})", ("classes", cls, key))
-        for label, key in (
-            ("Jaccard", "jaccard"),
-            ("Precision", "precision"),
-            ("Recall", "recall"),
-            ("Dice", "dice"),
-            ("HD95 mm", "hd95"),
-        )
-        for cls in ("liver", "tumour")
-    ],
-]
 HEADLINE = [
     ("liver Dice", ("classes", "liver", "dice"), True),
     ("tumour Dice", ("classes", "tumour", "dice"), True),
@@ -50,16 +35,6 @@ HEADLINE = [
     ("tumour HD95 mm", ("classes", "tumour", "hd95"), False),
     ("lesion F1", ("lesions", "f1"), True),
 ]
-
-
-def seed_value(aggregate: dict[str, Any], path: tuple[str, ...]) -> float:
-    """One table cell: the mean over cases (or the pooled value) at ``path``."""
-    value: Any = aggregate
-    for key in path:
-        value = value[key]
-    if isinstance(value, dict):
-        value = value["mean"]
-    return math.nan if value is None else float(value)
 
 
 def _fmt(value: float) -> str:
@@ -77,7 +52,9 @@ def headline_rows(aggregates: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for model, per in aggregates.items():
         if split in per:
-            rows.append([model, *(_fmt(seed_value(per[split], path)) for _, path, _ in HEADLINE)])
+            rows.append(
+                [model, *(_fmt(aggregate_value(per[split], path)) for _, path, _ in HEADLINE)]
+            )
     return rows
 
 
@@ -86,9 +63,9 @@ def _comparison(aggregates: dict[str, dict[str, Any]]) -> str:
     sentences = []
     for label, path, higher in HEADLINE:
         scores = {
-            m: seed_value(per[split], path)
+            m: aggregate_value(per[split], path)
             for m, per in aggregates.items()
-            if split in per and not math.isnan(seed_value(per[split], path))
+            if split in per and not math.isnan(aggregate_value(per[split], path))
         }
         if len(scores) < 2:
             continue
@@ -203,42 +180,76 @@ def _overlays(evaluation: Evaluation, split: str) -> dict[str, bytes]:
     return figures
 
 
-def _seed_tables_md(aggregates: dict[str, dict[str, Any]]) -> str:
-    parts = []
-    for model, per in aggregates.items():
-        splits = [s for s in SPLIT_NAMES if s in per]
-        lines = [
-            f"#### {model}",
-            "",
-            "| metric | " + " | ".join(SPLIT_NAMES[s] for s in splits) + " |",
-            "|---|" + "---|" * len(splits),
-        ]
-        for label, path in SEED_ROWS:
-            cells = [_fmt(seed_value(per[s], path)) for s in splits]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+def _seed_table_md(table: dict[str, Any]) -> str:
+    models = table["columns"]
+    lines = [
+        "| split | metric | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for row in table["rows"]:
+        cells = [_fmt(_num(row["values"][m])) for m in models]
+        lines.append(
+            f"| {SPLIT_NAMES[row['split']]} | {row['metric']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
 
 
-def _seed_tables_html(aggregates: dict[str, dict[str, Any]]) -> str:
-    parts = []
-    for model, per in aggregates.items():
-        splits = [s for s in SPLIT_NAMES if s in per]
-        head = "".join(f"<th>{SPLIT_NAMES[s]}</th>" for s in splits)
-        body = "".join(
-            f'<tr><th scope="row">{html.escape(label)}</th>'
-            + "".join(
-                f'<td data-split="{s}" data-metric="{".".join(path)}">{_fmt(seed_value(per[s], path))}</td>'
-                for s in splits
-            )
-            + "</tr>"
-            for label, path in SEED_ROWS
+def _seed_table_html(table: dict[str, Any]) -> str:
+    models = table["columns"]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    body = "".join(
+        f"<tr><th>{SPLIT_NAMES[row['split']]}</th><th>{html.escape(row['metric'])}</th>"
+        + "".join(
+            f'<td data-model="{html.escape(m)}" data-split="{row["split"]}" '
+            f'data-metric="{row["key"]}">{_fmt(_num(row["values"][m]))}</td>'
+            for m in models
         )
-        parts.append(
-            f'<h4>{html.escape(model)}</h4><table class="seed" data-model="{html.escape(model)}">'
-            f"<tr><th>metric</th>{head}</tr>{body}</table>"
+        + "</tr>"
+        for row in table["rows"]
+    )
+    return f'<table class="seed"><tr><th>split</th><th>metric</th>{head}</tr>{body}</table>'
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _case_rows(cases: list[dict[str, Any]]) -> list[list[str]]:
+    """Per case and model: Dice, HD95, liver volume error and lesion counts."""
+    rows = []
+    for c in cases:
+        liver, tumour, lesions = c["classes"]["liver"], c["classes"]["tumour"], c["lesions"]
+        true_ml, pred_ml = liver["volume_true_ml"], liver["volume_pred_ml"]
+        error = 100 * (pred_ml - true_ml) / true_ml if true_ml else math.nan
+        rows.append(
+            [
+                c["case_id"],
+                SPLIT_NAMES[c["split"]],
+                c["model"],
+                _fmt(_num(liver["dice"])),
+                _fmt(_num(tumour["dice"])),
+                _fmt(_num(liver["hd95"])),
+                f"{true_ml:.1f}",
+                f"{pred_ml:.1f}",
+                "–" if math.isnan(error) else f"{error:+.1f}",
+                f"{lesions['true_lesions']} / {lesions['predicted']} / {lesions['detected']}",
+            ]
         )
-    return "\n".join(parts)
+    return rows
+
+
+CASE_HEAD = [
+    "case",
+    "split",
+    "model",
+    "liver Dice",
+    "tumour Dice",
+    "liver HD95 mm",
+    "liver mL (true)",
+    "liver mL (pred)",
+    "volume error %",
+    "lesions true / pred / detected",
+]
 
 
 def _context(evaluation: Evaluation) -> str:
@@ -261,8 +272,10 @@ def _context(evaluation: Evaluation) -> str:
 def write_report(evaluation: Evaluation, runs_dir: Path, out_dir: Path) -> dict[str, Path]:
     """Write metrics.json, report.md, report.html and the PNGs into ``out_dir``."""
     metrics_path = write_metrics(evaluation, out_dir)
-    aggregates = json.loads(metrics_path.read_text())["aggregates"]
-    aggregates = _nan_back(aggregates)
+    record = json.loads(metrics_path.read_text())
+    aggregates = _nan_back(record["aggregates"])
+    seed = record["seed_table"]
+    case_rows = _case_rows(_nan_back({"c": record["cases"]})["c"])
     split = headline_split(aggregates)
     images = {"per_case": _strip_plots(evaluation)}
     curves = _learning_curves(runs_dir, [m for m in evaluation.models if (runs_dir / m).is_dir()])
@@ -289,7 +302,15 @@ def write_report(evaluation: Evaluation, runs_dir: Path, out_dir: Path) -> dict[
         "",
         "## Seed-project table (mean over cases)",
         "",
-        _seed_tables_md(aggregates),
+        _seed_table_md(seed),
+        "",
+        "## Per case",
+        "",
+        "Native-grid values; volume error = (predicted − true) / true liver volume.",
+        "",
+        "| " + " | ".join(CASE_HEAD) + " |",
+        "|" + "---|" * len(CASE_HEAD),
+        *("| " + " | ".join(r) + " |" for r in case_rows),
         "",
         "## Rules",
         "",
@@ -319,7 +340,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:10
 <h2>Headline ({SPLIT_NAMES[split].lower()} split, mean over cases)</h2>
 <table class="headline"><tr>{head_html}</tr>{rows_html}</table>
 <p class="comparison">{html.escape(comparison)}</p>
-<h2>Seed-project table (mean over cases)</h2>{_seed_tables_html(aggregates)}
+<h2>Seed-project table (mean over cases)</h2>{_seed_table_html(seed)}
+<h2>Per case</h2><p>Native-grid values; volume error = (predicted − true) / true liver volume.</p>
+<table class="cases"><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in CASE_HEAD)}</tr>{"".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in case_rows)}</table>
 <h2>Rules</h2><p class="empty-rule">{html.escape(EMPTY_RULE)}</p><p>{html.escape(LESION_RULE)}</p>
 <h2>Figures</h2>{figures}</body></html>
 """
@@ -335,4 +358,6 @@ def _nan_back(value: Any) -> Any:
     """metrics.json's nulls back to NaN, so the report reads exactly what the JSON says."""
     if isinstance(value, dict):
         return {k: _nan_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_back(v) for v in value]
     return math.nan if value is None else value

@@ -36,10 +36,8 @@ class _Tables(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "table" and a.get("class") == "seed":
-            self._model = a["data-model"] or ""
-        elif tag == "td" and "data-metric" in a:
-            self._cell = (self._model, a["data-split"] or "", a["data-metric"] or "")
+        if tag == "td" and "data-metric" in a:
+            self._cell = (a["data-model"] or "", a["data-split"] or "", a["data-metric"] or "")
         elif tag == "img":
             self.images.append(a["src"] or "")
 
@@ -68,25 +66,28 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     parser = _Tables()
     parser.feed((report / "report.html").read_text())
     assert sorted(metrics["models"]) == MODELS
+    table = metrics["seed_table"]
+    assert table["columns"] == ["deeplabv3plus", "manet", "unetplusplus", "ensemble"]
+    labels = [r["metric"] for r in table["rows"] if r["split"] == "train"]
+    assert labels[:3] == ["Loss", "Pixel Accuracy", "Jaccard (liver)"]
+    assert {"Dice (tumour)", "HD95 mm (liver)", "Recall (liver)", "Precision (tumour)"} <= set(
+        labels
+    )
     checked = 0
-    for model, per_split in metrics["aggregates"].items():
-        for split, aggregate in per_split.items():
-            for metric in (
-                "loss",
-                "pixel_accuracy",
-                "classes.liver.dice",
-                "classes.tumour.hd95",
-                "classes.liver.jaccard",
-                "classes.tumour.recall",
-            ):
-                value = aggregate
-                for key in metric.split("."):
-                    value = value[key]
-                mean = value["mean"]
-                cell = parser.cells[(model, split, metric)]
-                assert cell == ("–" if mean is None else f"{mean:.4f}"), (model, split, metric)
-                checked += 1
-    assert checked >= 6 * 2 * len(MODELS)
+    for row in table["rows"]:
+        for model, value in row["values"].items():
+            cell = parser.cells[(model, row["split"], row["key"])]
+            assert cell == ("–" if value is None else f"{value:.4f}"), (model, row)
+            checked += 1
+    assert checked == len(table["rows"]) * 4 >= 12 * 2 * 4
+    # the table's numbers are the aggregates' means
+    for row in table["rows"]:
+        for model, value in row["values"].items():
+            aggregate = metrics["aggregates"][model].get(row["split"])
+            node = aggregate
+            for key in row["key"].split("."):
+                node = node[key]
+            assert value == node["mean"]
     pngs = [
         base64.b64decode(src.split(",", 1)[1])
         for src in parser.images
@@ -95,9 +96,11 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     assert len(pngs) == len(parser.images) >= 3 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     html = (report / "report.html").read_text()
     assert "absent from both the ground truth and the prediction" in html  # the empty rule
-    assert (report / "report.md").read_text().count("| Dice (liver) |") == len(
-        metrics["aggregates"]
-    )
+    markdown = (report / "report.md").read_text()
+    splits = {r["split"] for r in table["rows"]}
+    assert markdown.count(" | Dice (liver) | ") == len(splits)
+    assert "| case | split | model | liver Dice |" in markdown  # the per-case table
+    assert html.count("<tr>") > len(metrics["cases"])
 
 
 def test_every_case_is_scored_for_every_model_with_sane_values(

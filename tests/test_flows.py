@@ -166,3 +166,24 @@ def test_served_deployment_runs_from_the_prefect_cli(phantom_dir: Path, tmp_path
         )
     assert "stopped 2 process(es)" in down.stdout
     assert not (tmp_path / "home" / "liverpipe-serve.json").exists()
+
+
+def test_deployments_are_named_after_their_flows_and_ingest_is_scheduled(tmp_path: Path) -> None:
+    from flows.serve import deployments
+
+    config = tmp_path / "c.toml"
+    config.write_text('[ingest]\ncron = "*/5 * * * *"\n')
+    built = {f"{d.flow_name}/{d.name}": d for d in deployments(config, {"store": "/s.zarr"})}
+    assert set(built) == {
+        "preprocess/preprocess",
+        "train-all/train-all",
+        "evaluate/evaluate",
+        "predict/predict",
+        "ingest/ingest",
+    }
+    ingest = built["ingest/ingest"]
+    assert [s.schedule.cron for s in ingest.schedules] == ["*/5 * * * *"]
+    assert ingest.concurrency_limit == 1
+    assert ingest.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert built["preprocess/preprocess"].parameters == {"store": "/s.zarr", "config": str(config)}
+    assert all(not d.schedules for name, d in built.items() if name != "ingest/ingest")

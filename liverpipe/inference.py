@@ -30,9 +30,9 @@ from liverpipe.preprocess import (
     resample_to_grid,
     stored_grid,
 )
+from liverpipe.sampling import volume_batches
 from liverpipe.settings import CheckConfig, PreprocessConfig
 from liverpipe.validate import check_image_values
-from storage.reader import window_indices
 
 __all__ = [
     "PreparedScan",
@@ -52,6 +52,7 @@ class PreparedScan:
     geometry: CanonicalGeometry
     grid: Grid
     image: np.ndarray  # (Z, Y, X) float32, normalised as in the store
+    source: np.ndarray | None = None  # the file's own voxels, when asked to keep them
 
 
 def prepare_scan(
@@ -59,8 +60,12 @@ def prepare_scan(
     config: PreprocessConfig,
     zscore: ZScoreStats | None = None,
     limits: CheckConfig | None = None,
+    keep_source: bool = False,
 ) -> PreparedScan:
-    """Read, validate and preprocess one scan exactly as ``liverpipe preprocess`` would."""
+    """Read, validate and preprocess one scan exactly as ``liverpipe preprocess`` would.
+
+    ``keep_source`` keeps the decoded file voxels (for overlays) instead of freeing them.
+    """
     info = read_header(path, limits)
     data = read_voxels(info)
     check_image_values(info.path, data)
@@ -68,10 +73,11 @@ def prepare_scan(
     canonical = canonical_view(data, geometry)
     grid = stored_grid(geometry, body_centre(canonical, config.body_threshold_hu), config)
     hu = resample_image(canonical, geometry.canonical_affine, grid, config.image_interpolation)
-    del data, canonical
+    source = data if keep_source else None
+    del data, canonical  # freed here unless kept
     stored, intensity = normalise(hu, config, zscore)
     image = stored.astype(np.float32) * intensity.stored_scale + intensity.stored_offset
-    return PreparedScan(info, geometry, grid, image)
+    return PreparedScan(info, geometry, grid, image, source)
 
 
 @torch.no_grad()
@@ -85,21 +91,15 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Mean softmax (C, Z, Y, X) float32 over ``models`` (an ensemble) and flips (TTA).
 
-    2.5D: slice z is predicted from slices ``window_indices(z, context)`` as channels.
+    2.5D: slice z is predicted from its ``context`` neighbours as channels (edges replicated).
     TTA averages the identity with left-right and anterior-posterior flips.
     """
-    depth = image.shape[0]
-    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
     flips: list[tuple[int, ...]] = [(), (3,), (2,)] if tta else [()]
     autocast = device.type == "cuda"
     total: np.ndarray | None = None
     for model in models:
         model.eval()
-        for start in range(0, depth, batch):
-            zs = range(start, min(start + batch, depth))
-            stacks = torch.stack(
-                [volume[torch.from_numpy(window_indices(z, context, depth)).to(device)] for z in zs]
-            )
+        for start, stacks in volume_batches(image, context, device, batch):
             probs = torch.zeros((), device=device)
             for dims in flips:
                 x = stacks.flip(dims) if dims else stacks
@@ -110,7 +110,7 @@ def predict_probabilities(
             chunk = (probs / len(flips)).permute(1, 0, 2, 3).cpu().numpy()
             if total is None:
                 total = np.zeros((chunk.shape[0], *image.shape), dtype=np.float32)
-            total[:, start : start + len(zs)] += chunk
+            total[:, start : start + len(stacks)] += chunk
     assert total is not None, "no models given"
     return total / len(models)
 
@@ -118,17 +118,19 @@ def predict_probabilities(
 def to_native(stored_labels: np.ndarray, scan: PreparedScan) -> np.ndarray:
     """Labels on the stored grid -> the scan's canonical (Z, Y, X) grid, nearest neighbour.
 
-    Outside the stored crop the labels are background. ``from_canonical`` then gives the
+    Outside the stored in-plane crop the labels are background. In z the stored grid has
+    ``round(extent / spacing)`` slices, so the scan's first and last slices can sit up to
+    half a stored slice beyond it: the end slices are repeated once so that they take the
+    nearest stored slice's labels, not the background. ``from_canonical`` then gives the
     file's own (i, j, k) order.
     """
     target = Grid(scan.geometry.canonical_shape, scan.geometry.canonical_affine, (0, 0, 0))
-    return resample_to_grid(
-        np.ascontiguousarray(stored_labels, dtype=np.uint8),
-        scan.grid.affine,
-        target,
-        "nearest",
-        0,
+    padded = np.pad(
+        np.asarray(stored_labels, dtype=np.uint8), ((1, 1), (0, 0), (0, 0)), mode="edge"
     )
+    shift = np.eye(4)
+    shift[2, 3] = -1.0  # padded slice 0 is stored slice -1
+    return resample_to_grid(padded, scan.grid.affine @ shift, target, "nearest", 0)
 
 
 def keep_largest_liver(labels: np.ndarray) -> np.ndarray:

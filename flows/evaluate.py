@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from liverpipe.evaluate import SPLITS, evaluate
+from liverpipe.models import pick_device
 from liverpipe.report import HEADLINE, headline_rows, headline_split, write_report
 
 __all__ = ["evaluate_runs", "headline_markdown"]
@@ -42,7 +42,7 @@ def evaluate_runs(
     tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every run under RUNS on the store's splits; write metrics.json and the report."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     logger = get_run_logger()
     result = evaluate(
         Path(store),

@@ -18,12 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger
 
 from flows.preprocess import preprocess
 from flows.train import train_all_flow
 from liverpipe.errors import LiverpipeError
+from liverpipe.models import pick_device
 from liverpipe.nifti import case_id_of, file_sha256, is_nifti
 from liverpipe.predict import Predictor, load_run, predict_file
 from liverpipe.settings import load_settings
@@ -80,7 +80,7 @@ def _predict_new(inbox: Path, runs: Path, outputs: Path, tta: bool) -> dict[str,
     predicted, failed = [], {}
     if todo:
         assert run is not None
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device()
         predictor = Predictor([load_run(run, device)], device, tta)
         outputs.mkdir(parents=True, exist_ok=True)
         for scan, digest in todo:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from liverpipe.models import pick_device
 from liverpipe.predict import Predictor, load_run, predict_path
 
 __all__ = ["predict_scans"]
@@ -17,7 +17,7 @@ __all__ = ["predict_scans"]
 @flow(name="predict", log_prints=True)
 def predict_scans(source: str, output: str, models: list[str], tta: bool = False) -> dict[str, Any]:
     """Predict SOURCE (a scan or a folder) into OUTPUT with the runs in MODELS (ensembled)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     predictor = Predictor([load_run(Path(m), device) for m in models], device, tta)
     results = predict_path(predictor, Path(source), Path(output))
     rows = []

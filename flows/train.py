@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.evaluate import evaluate_runs
 from liverpipe.errors import LiverpipeError
 from liverpipe.settings import load_settings
-from liverpipe.train_all import ModelOutcome, train_all
+from liverpipe.train_all import ModelOutcome, parse_gpus, train_all
 
 __all__ = ["train_all_flow"]
 
@@ -29,9 +29,7 @@ def train_all_flow(
     then evaluate every run and their ensemble into REPORT."""
     logger = get_run_logger()
     settings = load_settings(Path(config) if config else None, {"train": {"steps": steps}})
-    devices = (
-        None if gpus == "auto" else [g for g in gpus.split(",") if g.strip() not in {"", "none"}]
-    )
+    devices = parse_gpus(gpus)
 
     def log(outcome: ModelOutcome) -> None:
         if outcome.result is None:

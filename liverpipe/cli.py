@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -255,6 +256,34 @@ def store_info(
     Console().print(table)
 
 
+def _training_bar() -> Progress:
+    """Progress bars with loss, images/s and ETA (one task per model)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _bar_task(bar: Progress, model: str, steps: int, batch: int) -> Callable[[int, float], None]:
+    """A bar for one model and the ``on_step`` callback that moves it."""
+    task = bar.add_task(f"training {model}", total=steps, loss=float("nan"), rate=0.0)
+    start, first = time.perf_counter(), [-1]
+
+    def on_step(step: int, loss: float) -> None:
+        if first[0] < 0:  # count only this process's steps, not those before a resume
+            first[0] = step - 1
+        rate = batch * (step - first[0]) / max(time.perf_counter() - start, 1e-9)
+        bar.update(task, completed=step, loss=loss, rate=rate)
+
+    return on_step
+
+
 @app.command("train")
 def train_cmd(
     store: Annotated[
@@ -281,30 +310,10 @@ def train_cmd(
     from liverpipe.train import train
 
     settings = _settings(config, train={"model": model, "steps": steps, "batch_size": batch_size})
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} img/s"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(
-            f"training {settings.train.model}",
-            total=settings.train.steps,
-            loss=float("nan"),
-            rate=0.0,
+    with _training_bar() as bar:
+        on_step = _bar_task(
+            bar, settings.train.model, settings.train.steps, settings.train.batch_size
         )
-        batch, start, first = settings.train.batch_size, time.perf_counter(), [-1]
-
-        def on_step(step: int, loss: float) -> None:
-            if first[0] < 0:  # count only this process's steps, not those before a resume
-                first[0] = step - 1
-            rate = batch * (step - first[0]) / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=step, loss=loss, rate=rate)
-
         result = train(store, out, settings, resume, on_step=on_step)
     typer.echo(
         f"trained {settings.train.model} for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
@@ -336,12 +345,10 @@ def train_all_cmd(
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
-    from liverpipe.train_all import ModelOutcome, train_all
+    from liverpipe.train_all import ModelOutcome, parse_gpus, train_all
 
     settings = _settings(config, train={"steps": steps})
-    devices = (
-        None if gpus == "auto" else [g for g in gpus.split(",") if g.strip() not in {"", "none"}]
-    )
+    devices = parse_gpus(gpus)
 
     def report(outcome: ModelOutcome) -> None:
         if outcome.result is None:
@@ -355,7 +362,18 @@ def train_all_cmd(
             f"{outcome.model}: {r.steps} steps, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
         )
 
-    outcomes = train_all(store, out, settings, resume, devices, on_done=report)
+    with _training_bar() as bar:
+        outcomes = train_all(
+            store,
+            out,
+            settings,
+            resume,
+            devices,
+            on_done=report,
+            on_start=lambda name: _bar_task(
+                bar, name, settings.train.steps, settings.train.batch_size
+            ),
+        )
     failed = [o.model for o in outcomes if o.result is None]
     if failed:
         err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
@@ -388,13 +406,10 @@ def predict_cmd(
 
     Example: liverpipe predict scans/ -o masks/ --model runs/unetplusplus --model runs/manet --tta
     """
-    import torch
-
+    from liverpipe.models import pick_device
     from liverpipe.predict import PostProcess, Predictor, load_run, predict_path
 
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    dev = pick_device(device)
     runs = [load_run(m, dev) for m in model]
     predictor = Predictor(runs, dev, tta, PostProcess(largest_liver, tumour_in_liver))
 
@@ -435,18 +450,15 @@ def evaluate_cmd(
 
     Example: liverpipe evaluate --store stores/liver.zarr --runs runs --out report
     """
-    import torch
-
     from liverpipe.evaluate import SPLITS, evaluate
+    from liverpipe.models import pick_device
     from liverpipe.report import headline_rows, write_report
 
     splits = split or list(SPLITS)
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise typer.BadParameter(f"unknown split(s) {unknown}; use train, val or test")
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    dev = pick_device(device)
     with _progress() as bar:
         task = bar.add_task("evaluating", total=None)
         result = evaluate(

@@ -250,7 +250,9 @@ def evaluate(
                     "its source scan or label file is no longer where the store recorded it"
                 )
                 continue
-            scan = prepare_scan(Path(meta.source_image), first.preprocess, first.zscore)
+            scan = prepare_scan(
+                Path(meta.source_image), first.preprocess, first.zscore, keep_source=True
+            )
             stored_label = store.case(case_id).load()[1]
             truth_info = read_header(Path(meta.source_label))
             truth = np.asarray(read_voxels(truth_info)).astype(np.uint8)
@@ -287,7 +289,8 @@ def _axial_overlay(
 ) -> dict[str, np.ndarray]:
     """CT (HU), truth and predictions on the canonical axial slice with the most liver."""
     affine = scan.info.affine
-    ct, _ = to_canonical(read_voxels(scan.info), affine)
+    assert scan.source is not None, "prepare_scan(keep_source=True) keeps the CT"
+    ct, _ = to_canonical(scan.source, affine)
     t, _ = to_canonical(truth, affine)
     z = int(np.argmax((t > 0).sum(axis=(1, 2))))
     out = {"ct": ct[z], "truth": t[z]}

@@ -9,7 +9,7 @@ import torch
 
 from liverpipe.errors import LiverpipeError
 
-__all__ = ["MODELS", "ModelWeightsError", "build_model"]
+__all__ = ["MODELS", "ModelWeightsError", "build_model", "pick_device"]
 
 #: Registry: CLI / config name -> smp architecture name.
 MODELS: Final[dict[str, str]] = {
@@ -59,3 +59,10 @@ def build_model(
             "train with encoder_weights = none (the default), or copy the weights into the "
             "Hugging Face cache (HF_HOME) on a machine with network access first",
         ) from err
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; or a torch name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -13,6 +13,7 @@ they draw from the same distribution:
 from __future__ import annotations
 
 import queue
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,8 +21,30 @@ import numpy as np
 import torch
 
 from storage import CaseReader, SliceStore
+from storage.reader import window_indices
 
-__all__ = ["ResidentSource", "SliceSampler", "SliceTable", "StreamingSource", "decode_scale"]
+
+def volume_batches(
+    image: np.ndarray, context: int, device: torch.device, batch: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, stacks)`` over a (Z, Y, X) volume: (B, context, Y, X) 2.5D inputs of
+    slices ``start .. start + B``, edges replicated (the training input, for inference)."""
+    depth = image.shape[0]
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    for start in range(0, depth, batch):
+        zs = range(start, min(start + batch, depth))
+        index = torch.from_numpy(np.stack([window_indices(z, context, depth) for z in zs]))
+        yield start, volume[index.to(device)]
+
+
+__all__ = [
+    "ResidentSource",
+    "SliceSampler",
+    "SliceTable",
+    "StreamingSource",
+    "decode_scale",
+    "volume_batches",
+]
 
 
 @dataclass(frozen=True)

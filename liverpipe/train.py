@@ -35,10 +35,10 @@ from liverpipe.sampling import (
     SliceTable,
     StreamingSource,
     decode_scale,
+    volume_batches,
 )
 from liverpipe.settings import Settings, TrainConfig, load_settings
 from storage import SliceStore
-from storage.reader import window_indices
 
 __all__ = [
     "CheckpointMismatchError",
@@ -129,16 +129,10 @@ def predict_volume(
 ) -> np.ndarray:
     """Argmax labels (Z, Y, X) uint8 of a normalised (Z, Y, X) volume, 2.5D slice by slice."""
     model.eval()
-    depth = image.shape[0]
-    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
     out = np.empty(image.shape, dtype=np.uint8)
-    for start in range(0, depth, batch):
-        zs = range(start, min(start + batch, depth))
-        stacks = torch.stack(
-            [volume[torch.from_numpy(window_indices(z, k, depth)).to(device)] for z in zs]
-        )
+    for start, stacks in volume_batches(image, k, device, batch):
         logits = model(stacks)
-        out[start : start + len(zs)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        out[start : start + len(stacks)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
     return out
 
 

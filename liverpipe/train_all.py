@@ -25,7 +25,7 @@ from liverpipe.models import MODELS
 from liverpipe.settings import Settings
 from liverpipe.train import TrainResult, train
 
-__all__ = ["ModelOutcome", "read_result", "train_all", "visible_gpus"]
+__all__ = ["ModelOutcome", "parse_gpus", "read_result", "train_all", "visible_gpus"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class ModelOutcome:
 def visible_gpus() -> list[str]:
     """CUDA device indices this process may use (empty on a CPU machine)."""
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(text: str) -> list[str] | None:
+    """``auto`` -> None (every visible GPU); ``0,1`` -> ["0", "1"]; ``none`` -> []."""
+    if text == "auto":
+        return None
+    return [g.strip() for g in text.split(",") if g.strip() not in {"", "none"}]
 
 
 def read_result(run_dir: Path) -> TrainResult:
@@ -69,10 +76,13 @@ def train_all(
     gpus: Sequence[str] | None = None,
     models: Sequence[str] = tuple(MODELS),
     on_done: Callable[[ModelOutcome], None] | None = None,
+    on_start: Callable[[str], Callable[[int, float], None]] | None = None,
 ) -> list[ModelOutcome]:
     """Train each model into ``runs_dir/<model>/``; in parallel when ``gpus`` has 2 or more.
 
     ``gpus`` defaults to every visible CUDA device. Outcomes come back in ``models`` order.
+    ``on_start(model)`` may return a per-step callback (``on_step``) for models trained in
+    this process; models in their own processes report through ``train.log``.
     """
     gpus = visible_gpus() if gpus is None else list(gpus)
     per_model = {
@@ -82,7 +92,8 @@ def train_all(
     if len(gpus) < 2:
         outcomes = []
         for name in models:
-            outcome = _train_here(store_path, runs_dir / name, per_model[name], resume)
+            on_step = on_start(name) if on_start else None
+            outcome = _train_here(store_path, runs_dir / name, per_model[name], resume, on_step)
             if on_done:
                 on_done(outcome)
             outcomes.append(outcome)
@@ -105,10 +116,16 @@ def train_all(
         return list(pool.map(one, models))
 
 
-def _train_here(store_path: Path, run_dir: Path, settings: Settings, resume: bool) -> ModelOutcome:
+def _train_here(
+    store_path: Path,
+    run_dir: Path,
+    settings: Settings,
+    resume: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> ModelOutcome:
     name = settings.train.model
     try:
-        return ModelOutcome(name, run_dir, train(store_path, run_dir, settings, resume))
+        return ModelOutcome(name, run_dir, train(store_path, run_dir, settings, resume, on_step))
     except Exception as err:  # one model's failure must not stop the others
         return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}")
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 pin() { grep -i "^$1==" constraints.txt | head -1; }
-PKGS=(segmentation_models_pytorch SimpleITK nibabel zarr numcodecs donfig crc32c pydantic pydantic_core
+PKGS=(segmentation_models_pytorch SimpleITK nibabel zarr numcodecs donfig crc32c google-crc32c pydantic pydantic_core
       annotated-types typing-inspection isal connected-components-3d)
 specs=()
 for p in "${PKGS[@]}"; do

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from liverpipe.evaluate import SPLITS, evaluate
 from liverpipe.models import pick_device
 from liverpipe.report import HEADLINE, headline_rows, headline_split, write_report
+from liverpipe.settings import load_settings
 
 __all__ = ["evaluate_runs", "headline_markdown"]
 
@@ -40,8 +41,10 @@ def evaluate_runs(
     out: str = "report",
     splits: list[str] | None = None,
     tta: bool = False,
+    config: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every run under RUNS on the store's splits; write metrics.json and the report."""
+    settings = load_settings(Path(config) if config else None)
     device = pick_device()
     logger = get_run_logger()
     result = evaluate(
@@ -51,6 +54,7 @@ def evaluate_runs(
         device,
         tta,
         on_case=lambda split, case: logger.info("evaluating %s/%s", split, case),
+        empty_rule=settings.evaluate.empty_rule,
     )
     paths = write_report(result, Path(runs), Path(out))
     markdown = headline_markdown(paths["metrics"], paths["html"].resolve())

@@ -72,7 +72,7 @@ def _predict_new(inbox: Path, runs: Path, outputs: Path, tta: bool) -> dict[str,
     for scan in scans:
         digest = file_sha256(scan)
         if ledger.get(case_id_of(scan), {}).get("sha256") != digest:
-            todo.append((scan, digest))
+            todo.append((scan, digest))  # new, changed, or failed on other bytes before
     run = best_run(runs)
     if todo and run is None:
         logger.info("%d unlabelled scan(s) wait for a trained model", len(todo))
@@ -87,9 +87,12 @@ def _predict_new(inbox: Path, runs: Path, outputs: Path, tta: bool) -> dict[str,
             case_id = case_id_of(scan)
             try:
                 record = predict_file(predictor, scan, outputs / f"{case_id}.nii.gz")
-            except LiverpipeError as err:
+            except Exception as err:  # this scan fails; the others go on
                 failed[case_id] = str(err)
                 logger.warning("%s", err)
+                # Recorded with its hash: the same bytes are not retried every tick.
+                ledger[case_id] = {"sha256": digest, "error": str(err), "model": str(run)}
+                _write_json(ledger_path, ledger)
                 continue
             ledger[case_id] = {"sha256": digest, "mask": record["mask"], "model": str(run)}
             _write_json(ledger_path, ledger)  # after each scan: a killed run loses nothing
@@ -131,4 +134,15 @@ def ingest(
             _write_json(runs_dir / STATE, {"trained_on": sorted(stored)})
             result["trained"] = True
     result["predict"] = _predict_new(inbox_dir, runs_dir, Path(outputs), settings.ingest.tta)
+    failed = [
+        *(result["preprocess"] or {}).get("failed", {}),
+        *result["predict"].get("failed", {}),
+    ]
+    if failed:  # after everything else was done: the run ends failed, naming the scans
+        raise LiverpipeError(
+            inbox_dir,
+            f"{len(failed)} scan(s) failed in this tick: {', '.join(sorted(failed))}",
+            "read the warnings above (or OUTPUTS/ledger.json and the store manifest) for each "
+            "file's problem and fix; the other scans were processed",
+        )
     return result

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from liverpipe.errors import LiverpipeError
 from liverpipe.models import pick_device
 from liverpipe.predict import Predictor, load_run, predict_path
 
@@ -45,4 +46,10 @@ def predict_scans(source: str, output: str, models: list[str], tta: bool = False
             )
     create_table_artifact(rows, key="liverpipe-predictions", description=f"{source} -> {output}")
     failed = [str(s) for s, r in results.items() if isinstance(r, Exception)]
-    return {"predicted": len(results) - len(failed), "failed": failed}
+    if failed:  # the masks of the other scans are written; the run ends failed
+        raise LiverpipeError(
+            Path(source),
+            f"{len(failed)} of {len(results)} scan(s) failed: {', '.join(failed)}",
+            "see each scan's problem and fix in the warnings above or the artifact",
+        )
+    return {"predicted": len(results), "failed": failed}

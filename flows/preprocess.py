@@ -46,6 +46,14 @@ def summary_table(summary: RunSummary) -> list[dict[str, str]]:
     rows += [{"case": c, "outcome": "skipped", "reason": "unchanged"} for c in summary.skipped]
     rows += [{"case": c, "outcome": "failed", "reason": e} for c, e in summary.failed.items()]
     rows += [
+        {"case": c, "outcome": "failed (unchanged, not retried)", "reason": e}
+        for c, e in summary.still_failed.items()
+    ]
+    rows += [
+        {"case": c, "outcome": "warning", "reason": " ".join(w)}
+        for c, w in summary.warnings.items()
+    ]
+    rows += [
         {"case": c, "outcome": "kept", "reason": "source missing; the stored copy is kept"}
         for c in summary.missing
     ]
@@ -92,4 +100,9 @@ def preprocess(
     )
     for case_id, error in result["failed"].items():
         logger.warning("%s failed: %s", case_id, error)
+    for case_id, error in result["still_failed_unchanged"].items():
+        logger.warning("%s still fails (its files are unchanged): %s", case_id, error)
+    for case_id, warnings in result["warnings"].items():
+        for warning in warnings:
+            logger.warning("%s: %s", case_id, warning)
     return result

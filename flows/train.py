@@ -53,5 +53,5 @@ def train_all_flow(
             f"every model failed: {failed}",
             "read RUNS/<model>/train.log or the errors above",
         )
-    paths = evaluate_runs(store=store, runs=runs, out=report)
+    paths = evaluate_runs(store=store, runs=runs, out=report, config=config)
     return {"failed": failed, "report": paths}

@@ -1,7 +1,8 @@
 """Batch augmentation on the training device: torch ops on whole batches.
 
 Image and label share one spatial transform (rotation, zoom, optional elastic field)
-through ``affine_grid`` / ``grid_sample``; labels use nearest sampling. Intensity
+through ``affine_grid`` / ``grid_sample``, and the same random mirroring
+(``flip_axes``); labels use nearest sampling. Intensity
 changes touch the image only. Every random draw comes from the given generator, so a
 seeded generator gives the same batch twice.
 """
@@ -13,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from liverpipe.labels import FLIP_DIMS
 from liverpipe.settings import AugmentConfig
 
 __all__ = ["augment_batch"]
@@ -71,6 +73,11 @@ def augment_batch(
             .squeeze(1)
             .long()
         )
+    for axis in cfg.flip_axes:  # mirroring, as TTA undoes it (labels.FLIP_DIMS)
+        dim = FLIP_DIMS[axis]
+        chosen = torch.rand(n, generator=gen, device=device) < cfg.flip_probability
+        images = torch.where(chosen.view(n, 1, 1, 1), images.flip(dim), images)
+        labels = torch.where(chosen.view(n, 1, 1), labels.flip(dim - 1), labels)
     if cfg.gamma != (1.0, 1.0):
         gamma = _uniform(gen, n, *cfg.gamma, device).view(n, 1, 1, 1)
         low = images.amin(dim=(1, 2, 3), keepdim=True)

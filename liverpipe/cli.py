@@ -110,25 +110,30 @@ def _write_preview(out_dir: Path, images: list[Path], labels: list[Path]) -> Pat
 
 @app.command()
 def check(
-    data_dir: Annotated[Path, typer.Argument(help="Dataset root holding imagesTr/ and labelsTr/.")],
+    data_dir: Annotated[
+        Path,
+        typer.Argument(help="Dataset root (imagesTr/, labelsTr/), a folder of scans, or one scan."),
+    ],
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON list of {case_id, ok, errors}.")
+        bool,
+        typer.Option("--json", help="Print a JSON list of {case_id, ok, errors, warnings, fov}."),
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Validate every case of a dataset: headers first, then data. Exit 1 if any case is bad.
+    """Validate every case as preprocessing would: headers, data, labels, thickness and
+    the stored crop's field of view. Exit 1 if any case is bad.
 
     Example: liverpipe check /data/Task03_Liver --json
     """
-    from liverpipe.dataset import discover
+    from liverpipe.dataset import discover_scans
     from liverpipe.validate import check_dataset
 
     settings = _settings(config)
-    index = discover(data_dir)
+    index = discover_scans(data_dir)
     reports = []
     with _progress() as bar:
         task = bar.add_task("checking", total=len(index.cases))
-        for report in check_dataset(index, settings.check):
+        for report in check_dataset(index, settings.check, settings.preprocess):
             reports.append(report)
             bar.advance(task)
     if as_json:
@@ -140,18 +145,18 @@ def check(
 
 def _print_check_table(reports: list[Any]) -> None:
     table = Table(title="liverpipe check")
-    for column in ("case", "ok", "shape", "spacing (mm)", "orientation", "problem"):
+    for column in ("case", "ok", "shape", "spacing (mm)", "orientation", "problem / warning"):
         table.add_column(column)
     for r in reports:
         spacing = "x".join(f"{s:.2f}" for s in r.spacing) if r.spacing else "-"
         shape = "x".join(str(s) for s in r.shape) if r.shape else "-"
         table.add_row(
             r.case_id,
-            "yes" if r.ok else "NO",
+            ("yes" if r.ok else "NO") + (" (!)" if r.warnings else ""),
             shape,
             spacing,
             r.axcodes or "-",
-            "\n".join(r.errors),
+            "\n".join([*r.errors, *(f"warning: {w}" for w in r.warnings)]),
         )
     Console().print(table)
     bad = sum(not r.ok for r in reports)
@@ -220,6 +225,14 @@ def _print_summary(summary: Any) -> None:
     )
     for case_id, error in summary.failed.items():
         err_console.print(f"[red]failed[/red] {case_id}: {error}", highlight=False)
+    for case_id, error in summary.still_failed.items():
+        err_console.print(
+            f"[red]still failing[/red] (files unchanged, not retried) {case_id}: {error}",
+            highlight=False,
+        )
+    for case_id, warnings in summary.warnings.items():
+        for warning in warnings:
+            err_console.print(f"[yellow]warning[/yellow] {case_id}: {warning}", highlight=False)
     if summary.missing:
         typer.echo(f"sources missing (kept in the store): {', '.join(summary.missing)}")
     if summary.unlabelled:
@@ -392,7 +405,8 @@ def predict_cmd(
         typer.Option("--model", "-m", help="Run folder; repeat it to ensemble (mean softmax)."),
     ],
     tta: Annotated[
-        bool, typer.Option("--tta", help="Average left-right and front-back flips.")
+        bool,
+        typer.Option("--tta", help="Average the flips the models trained with (lr, ap)."),
     ] = False,
     largest_liver: Annotated[
         bool, typer.Option(help="Keep only the largest connected liver component.")
@@ -422,11 +436,16 @@ def predict_cmd(
             f"{scan.name}: liver {outcome['liver_volume_ml']:.0f} mL, {outcome['tumour_count']} lesion(s), "
             f"burden {outcome['tumour_burden_percent']:.2f}% -> {outcome['mask']}"
         )
+        for warning in outcome.get("warnings", []):
+            err_console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
 
     results = predict_path(predictor, source, output, on_done=report)
     failed = [p for p, r in results.items() if isinstance(r, Exception)]
     if failed:
-        err_console.print(f"{len(failed)} of {len(results)} scans failed")
+        err_console.print(
+            f"{len(failed)} of {len(results)} scans failed: {', '.join(str(p) for p in failed)}",
+            highlight=False,
+        )
         raise typer.Exit(1)
 
 
@@ -443,8 +462,15 @@ def evaluate_cmd(
         list[str] | None,
         typer.Option(help="Split(s) to score: train, val, test; repeatable. Default: all three."),
     ] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average flips at test time.")] = False,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Average the flips each model trained with.")
+    ] = False,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+    empty_rule: Annotated[
+        str | None,
+        typer.Option(help="Empty ground truth: 'lits' (default) or 'exclude'; see the report."),
+    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Score every run under RUNS and their ensemble on native grids; write the report.
 
@@ -458,6 +484,7 @@ def evaluate_cmd(
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise typer.BadParameter(f"unknown split(s) {unknown}; use train, val or test")
+    settings = _settings(config, evaluate={"empty_rule": empty_rule})
     dev = pick_device(device)
     with _progress() as bar:
         task = bar.add_task("evaluating", total=None)
@@ -468,6 +495,7 @@ def evaluate_cmd(
             dev,
             tta,
             on_case=lambda s, c: bar.update(task, description=f"evaluating {s}/{c}", advance=1),
+            empty_rule=settings.evaluate.empty_rule,
         )
     paths = write_report(result, runs, out)
     aggregates = json.loads(paths["metrics"].read_text())["aggregates"]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from liverpipe.errors import DatasetLayoutError
 from liverpipe.nifti import case_id_of, is_nifti
 
-__all__ = ["CaseFiles", "DatasetIndex", "discover"]
+__all__ = ["CaseFiles", "DatasetIndex", "discover", "discover_scans"]
 
 Role = Literal["train", "test"]
 _NNUNET_CHANNEL = "_0000"
@@ -72,6 +72,36 @@ def discover(root: Path) -> DatasetIndex:
             "point at the dataset root (the folder that contains imagesTr/ and labelsTr/)",
         )
     return _from_folders(root)
+
+
+#: Side files a folder of scans often holds; ``discover_scans`` does not treat them as scans.
+_SIDE_SUFFIXES = (".json", ".md", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".log", ".html")
+
+
+def discover_scans(path: Path) -> DatasetIndex:
+    """Cases to *check*: a dataset root (as :func:`discover`), a single file, or a flat
+    folder whose every visible file (side files such as ``.json`` aside) is one
+    unlabelled scan, whatever its name claims, so that each gets a diagnosis.
+
+    Raises:
+        DatasetLayoutError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        return DatasetIndex(path.parent, (CaseFiles(case_id_of(path), path, None, "test"),), False)
+    if not path.is_dir():
+        raise DatasetLayoutError(
+            path, "no such file or folder", "pass a dataset root, a folder of scans or a scan"
+        )
+    if (path / "imagesTr").is_dir() or (path / "dataset.json").is_file():
+        return discover(path)
+    files = [
+        p
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_SIDE_SUFFIXES)
+    ]
+    cases = tuple(CaseFiles(case_id_of(p), p, None, "test") for p in files)
+    return DatasetIndex(path, cases, False)
 
 
 def _nifti_files(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:

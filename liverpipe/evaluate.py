@@ -22,8 +22,21 @@ import torch
 
 from liverpipe.errors import LiverpipeError
 from liverpipe.geometry import to_canonical
-from liverpipe.inference import PreparedScan, native_labels, predict_probabilities, prepare_scan
-from liverpipe.metrics import CLASSES, EMPTY_RULE, LESION_RULE, LesionCounts, case_metrics
+from liverpipe.inference import (
+    PreparedScan,
+    native_labels,
+    predict_probabilities,
+    prepare_scan,
+    tta_flips,
+)
+from liverpipe.metrics import (
+    CLASSES,
+    LESION_RULE,
+    EmptyRule,
+    LesionCounts,
+    case_metrics,
+    empty_rule_text,
+)
 from liverpipe.nifti import read_header, read_voxels
 from liverpipe.predict import PostProcess, Run, load_run
 from liverpipe.train import CheckpointMismatchError
@@ -46,6 +59,7 @@ SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd95", "assd", "rv
 SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("Loss", ("loss",)),
     ("Pixel Accuracy", ("pixel_accuracy",)),
+    ("Balanced Accuracy", ("balanced_accuracy",)),
     *[
         (f"{label} ({cls})", ("classes", cls, key))
         for label, key in (
@@ -131,6 +145,8 @@ class Evaluation:
     splits: dict[str, list[str]]
     cases: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    empty_rule: EmptyRule = "lits"
+    selection: dict[str, str] = field(default_factory=dict)
     overlays: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
     def aggregates(self) -> dict[str, dict[str, Any]]:
@@ -152,7 +168,9 @@ class Evaluation:
                 "config_hash": self.config_hash,
                 "models": self.models,
                 "splits": {s: len(ids) for s, ids in self.splits.items()},
-                "empty_rule": EMPTY_RULE,
+                "empty_rule": empty_rule_text(self.empty_rule),
+                "empty_rule_name": self.empty_rule,
+                "checkpoint_selection": self.selection,
                 "lesion_rule": LESION_RULE,
                 "seed_table": seed_table(aggregates, self.models),
                 "aggregates": aggregates,
@@ -200,6 +218,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cases": len(rows),
         "loss": _stats([r["loss"] for r in rows]),
         "pixel_accuracy": _stats([r["pixel_accuracy"] for r in rows]),
+        "balanced_accuracy": _stats([r["balanced_accuracy"] for r in rows]),
         "classes": classes,
         "lesions": lesions.as_dict(),
     }
@@ -224,8 +243,12 @@ def evaluate(
     tta: bool = False,
     post: PostProcess | None = None,
     on_case: Callable[[str, str], None] | None = None,
+    empty_rule: EmptyRule = "lits",
 ) -> Evaluation:
-    """Score every run under ``runs_dir`` (and their ensemble) on ``splits`` of the store."""
+    """Score every run under ``runs_dir`` (and their ensemble) on ``splits`` of the store.
+
+    ``tta`` averages, per run, the flips it trained with; ``empty_rule`` scores classes
+    absent from a case's ground truth (:func:`~liverpipe.metrics.empty_rule_text`)."""
     device = device or torch.device("cpu")
     post = post or PostProcess()
     store = SliceStore.open(store_path)
@@ -234,7 +257,14 @@ def evaluate(
         _check_store(run, store)
     names = [r.name for r in runs] + ([ENSEMBLE] if len(runs) > 1 else [])
     chosen = {s: store.cases(s) for s in splits}  # type: ignore[arg-type]
-    result = Evaluation(str(store.root), store.meta.config_hash, names, chosen)
+    result = Evaluation(
+        str(store.root),
+        store.meta.config_hash,
+        names,
+        chosen,
+        empty_rule=empty_rule,
+        selection={r.name: _selection(r) for r in runs},
+    )
     first = runs[0]
     for split, case_ids in chosen.items():
         for case_id in case_ids:
@@ -258,7 +288,11 @@ def evaluate(
             truth = np.asarray(read_voxels(truth_info)).astype(np.uint8)
             probs = {
                 r.name: predict_probabilities(
-                    [r.model], scan.image, r.train.context_slices, device, tta
+                    [r.model],
+                    scan.image,
+                    r.train.context_slices,
+                    device,
+                    flips=tta_flips(r.train.augment.flip_axes) if tta else [()],
                 )
                 for r in runs
             }
@@ -270,18 +304,25 @@ def evaluate(
                     p.argmax(0).astype(np.uint8), scan, post.largest_liver, post.tumour_in_liver
                 )
                 predictions[name] = labels
-                row = case_metrics(labels, truth, scan.info.spacing)
+                row = case_metrics(labels, truth, scan.info.spacing, empty_rule)
                 result.cases.append(
                     {
                         "case_id": case_id,
                         "split": split,
                         "model": name,
-                        "loss": _loss(p, stored_label),
+                        "loss": _loss(p[:, :, scan.window[0], scan.window[1]], stored_label),
                         **row,
                     }
                 )
             result.overlays[(split, case_id)] = _axial_overlay(scan, truth, predictions)
     return result
+
+
+def _selection(run: Run) -> str:
+    """How the run's checkpoint was chosen, from its result.json."""
+    path = run.run_dir / "result.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return str(record.get("selection") or f"{run.checkpoint.name} (unfinished run)")
 
 
 def _axial_overlay(

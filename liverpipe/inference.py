@@ -1,10 +1,9 @@
 """Prediction kernels: preprocess a scan as its store did, predict, map back, clean up.
 
-The forward path is the store's (canonical view, body-centred stored grid, resampling,
-normalisation and the store's dtype quantisation), so a model sees exactly what it was
-trained on. The way back resamples labels (nearest neighbour) from the stored grid
-onto the scan's canonical grid, then undoes the reorientation exactly: the mask has the
-scan's shape and overlays it voxel for voxel.
+The forward path is the store's own (:func:`liverpipe.forward.forward_case`), so a model
+sees exactly what it was trained on. The way back resamples labels (nearest neighbour)
+from the model grid onto the scan's canonical grid, then undoes the reorientation
+exactly: the mask has the scan's shape and overlays it voxel for voxel.
 """
 
 from __future__ import annotations
@@ -17,22 +16,14 @@ import cc3d
 import numpy as np
 import torch
 
+from liverpipe.forward import forward_case
+from liverpipe.fov import FovReport
 from liverpipe.geometry import CanonicalGeometry, from_canonical
-from liverpipe.ingest import normalise
-from liverpipe.labels import Label
-from liverpipe.nifti import NiftiInfo, read_header, read_voxels
-from liverpipe.preprocess import (
-    Grid,
-    ZScoreStats,
-    body_centre,
-    canonical_view,
-    resample_image,
-    resample_to_grid,
-    stored_grid,
-)
+from liverpipe.labels import FLIP_DIMS, Label
+from liverpipe.nifti import NiftiInfo
+from liverpipe.preprocess import Grid, ZScoreStats, resample_to_grid
 from liverpipe.sampling import volume_batches
 from liverpipe.settings import CheckConfig, PreprocessConfig
-from liverpipe.validate import check_image_values
 
 __all__ = [
     "PreparedScan",
@@ -40,18 +31,26 @@ __all__ = [
     "predict_probabilities",
     "prepare_scan",
     "to_native",
+    "tta_flips",
     "tumour_inside_liver",
 ]
 
 
 @dataclass(frozen=True, eq=False)
 class PreparedScan:
-    """A scan on its stored grid, normalised, with what is needed to map back."""
+    """A scan on its model grid, normalised, with what is needed to map back.
+
+    The model grid is the store's grid, widened in-plane when the body reaches beyond
+    the stored crop; ``window`` is the (Y, X) part of it that the store's grid covers.
+    """
 
     info: NiftiInfo
     geometry: CanonicalGeometry
     grid: Grid
-    image: np.ndarray  # (Z, Y, X) float32, normalised as in the store
+    image: np.ndarray  # (Z, Y, X) float32, normalised and decoded as the trainer reads it
+    window: tuple[slice, slice]
+    fov: FovReport
+    warnings: tuple[str, ...] = ()
     source: np.ndarray | None = None  # the file's own voxels, when asked to keep them
 
 
@@ -61,23 +60,33 @@ def prepare_scan(
     zscore: ZScoreStats | None = None,
     limits: CheckConfig | None = None,
     keep_source: bool = False,
+    cover_body: bool = True,
 ) -> PreparedScan:
-    """Read, validate and preprocess one scan exactly as ``liverpipe preprocess`` would.
+    """Read, validate and preprocess one scan through the store's forward path.
 
-    ``keep_source`` keeps the decoded file voxels (for overlays) instead of freeing them.
+    ``cover_body`` widens the grid when the body reaches beyond the stored crop, so that
+    no tissue is left out of the prediction; ``keep_source`` keeps the decoded file
+    voxels (for overlays).
     """
-    info = read_header(path, limits)
-    data = read_voxels(info)
-    check_image_values(info.path, data)
-    geometry = CanonicalGeometry.of(info.shape, info.affine)
-    canonical = canonical_view(data, geometry)
-    grid = stored_grid(geometry, body_centre(canonical, config.body_threshold_hu), config)
-    hu = resample_image(canonical, geometry.canonical_affine, grid, config.image_interpolation)
-    source = data if keep_source else None
-    del data, canonical  # freed here unless kept
-    stored, intensity = normalise(hu, config, zscore)
-    image = stored.astype(np.float32) * intensity.stored_scale + intensity.stored_offset
-    return PreparedScan(info, geometry, grid, image, source)
+    case = forward_case(
+        path, None, config, zscore, limits, cover_body=cover_body, keep_source=keep_source
+    )
+    return PreparedScan(
+        case.info,
+        case.geometry,
+        case.grid,
+        case.decoded(),
+        case.window,
+        case.fov,
+        case.warnings,
+        case.source,
+    )
+
+
+def tta_flips(axes: Sequence[str]) -> list[tuple[int, ...]]:
+    """Every combination of mirroring ``axes`` ("lr", "ap"), the identity first."""
+    dims = [FLIP_DIMS[a] for a in axes]
+    return [tuple(d for i, d in enumerate(dims) if mask >> i & 1) for mask in range(2 ** len(dims))]
 
 
 @torch.no_grad()
@@ -86,15 +95,15 @@ def predict_probabilities(
     image: np.ndarray,
     context: int,
     device: torch.device,
-    tta: bool = False,
     batch: int = 16,
+    flips: Sequence[tuple[int, ...]] = ((),),
 ) -> np.ndarray:
-    """Mean softmax (C, Z, Y, X) float32 over ``models`` (an ensemble) and flips (TTA).
+    """Mean softmax (C, Z, Y, X) float32 over ``models`` (an ensemble) and ``flips`` (TTA).
 
-    2.5D: slice z is predicted from its ``context`` neighbours as channels (edges replicated).
-    TTA averages the identity with left-right and anterior-posterior flips.
+    2.5D: slice z is predicted from its ``context`` neighbours as channels (edges
+    replicated). Each flip mirrors the given dims of the (B, C, Y, X) input, and the
+    output back (:func:`tta_flips`).
     """
-    flips: list[tuple[int, ...]] = [(), (3,), (2,)] if tta else [()]
     autocast = device.type == "cuda"
     total: np.ndarray | None = None
     for model in models:

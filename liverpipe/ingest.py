@@ -12,30 +12,18 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from liverpipe import __version__
 from liverpipe.errors import LiverpipeError
-from liverpipe.geometry import CanonicalGeometry
-from liverpipe.nifti import read_header, read_voxels, read_voxels_hashed
-from liverpipe.preprocess import (
-    ZScoreStats,
-    body_centre,
-    canonical_view,
-    encode,
-    hu_statistics,
-    normalize_ct,
-    resample_image,
-    resample_label,
-    slice_counts,
-    stored_grid,
-    zscore_ct,
-)
+from liverpipe.forward import forward_case
+from liverpipe.nifti import read_header, read_voxels
+from liverpipe.preprocess import ZScoreStats, slice_counts
 from liverpipe.settings import CheckConfig, PreprocessConfig
-from liverpipe.validate import check_affines_match, check_image_values, check_label_values
-from storage import CaseMeta, Intensity, SliceStore
+from storage import CaseMeta, SliceStore
 
 __all__ = ["CaseJob", "CaseResult", "combine_hashes", "foreground_histogram", "ingest_case"]
 
@@ -55,6 +43,7 @@ class CaseJob:
     zscore: ZScoreStats | None = None
     threads: int = 1
     limits: CheckConfig = field(default_factory=CheckConfig)
+    split: Literal["train", "val", "test"] = "train"
 
 
 @dataclass(frozen=True)
@@ -68,6 +57,8 @@ class CaseResult:
     error: str | None = None
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    warnings: tuple[str, ...] = ()
+    permanent: bool = False  # a failure that the same input files will always give
 
 
 def combine_hashes(image_sha: str, label_sha: str | None) -> str:
@@ -81,12 +72,17 @@ def ingest_case(job: CaseJob) -> CaseResult:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(job.threads)
     source_sha = ""
     try:
-        meta, image, label = _preprocess(job)
+        meta, image, label, warnings = _preprocess(job)
         source_sha = meta.source_sha256
         SliceStore.open(job.store).write_case(meta, image, label)
-    except LiverpipeError as err:
+    except LiverpipeError as err:  # bad input: retrying the same files gives the same error
         return CaseResult(
-            job.case_id, False, source_sha, error=str(err), seconds=time.perf_counter() - start
+            job.case_id,
+            False,
+            source_sha,
+            error=str(err),
+            seconds=time.perf_counter() - start,
+            permanent=True,
         )
     except Exception as err:  # a bug or an unreadable oddity: keep the other cases going
         message = f"{job.image}: unexpected {type(err).__name__}: {err}. Fix: report this with the file's header (nib-ls)."
@@ -100,76 +96,33 @@ def ingest_case(job: CaseJob) -> CaseResult:
         meta.shape,
         seconds=time.perf_counter() - start,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        warnings=warnings,
     )
 
 
-def _preprocess(job: CaseJob) -> tuple[CaseMeta, np.ndarray, np.ndarray]:
-    cfg = job.config
-    image_info = read_header(job.image, job.limits)
-    label_info = read_header(job.label, job.limits) if job.label else None
-    if label_info is not None:
-        check_affines_match(image_info, label_info, job.limits.affine_tolerance_mm)
-    data, image_sha = read_voxels_hashed(image_info)
-    check_image_values(image_info.path, data)
-    geometry = CanonicalGeometry.of(image_info.shape, image_info.affine)
-    canonical = canonical_view(data, geometry)  # a view: resampled slab by slab
-    grid = stored_grid(geometry, body_centre(canonical, cfg.body_threshold_hu), cfg)
-    hu = resample_image(canonical, geometry.canonical_affine, grid, cfg.image_interpolation)
-    del data, canonical
-    label_sha = None
-    label = np.zeros(grid.shape, dtype=np.uint8)
-    if label_info is not None:
-        label_data, label_sha = read_voxels_hashed(label_info)
-        check_label_values(label_info.path, label_data)
-        label_data = label_data.astype(
-            np.uint8, copy=False
-        )  # validated 0/1/2: free float labels now
-        label = resample_label(
-            canonical_view(label_data, geometry),
-            geometry.canonical_affine,
-            grid,
-            cfg.label_interpolation,
-        )
-        del label_data
-    stats = hu_statistics(hu, label if label_info else None, cfg.body_threshold_hu)
-    stored, intensity = normalise(hu, cfg, job.zscore)
+def _preprocess(job: CaseJob) -> tuple[CaseMeta, np.ndarray, np.ndarray, tuple[str, ...]]:
+    case = forward_case(job.image, job.label, job.config, job.zscore, job.limits)
+    label = case.label if case.label is not None else np.zeros(case.grid.shape, dtype=np.uint8)
     meta = CaseMeta(
         case_id=job.case_id,
-        shape=grid.shape,
-        spacing=grid.spacing,
-        affine=tuple(tuple(float(v) for v in row) for row in grid.affine),
-        original_shape=image_info.shape,
-        original_affine=tuple(tuple(float(v) for v in row) for row in image_info.affine),
-        crop_offset=grid.crop_offset,
-        source_sha256=combine_hashes(image_sha, label_sha),
+        shape=case.grid.shape,
+        spacing=case.grid.spacing,
+        affine=tuple(tuple(float(v) for v in row) for row in case.grid.affine),
+        original_shape=case.info.shape,
+        original_affine=tuple(tuple(float(v) for v in row) for row in case.info.affine),
+        crop_offset=case.grid.crop_offset,
+        source_sha256=combine_hashes(case.image_sha256, case.label_sha256),
         config_hash=job.config_hash,
         slice_counts=slice_counts(label),
-        hu_stats=stats,
-        intensity=intensity,
+        hu_stats=case.hu_stats,
+        intensity=case.intensity,
         source_image=str(job.image),
         source_label=str(job.label) if job.label else None,
-        extra={"liverpipe_version": __version__, "axcodes": "".join(image_info.axcodes)},
+        affine_source=case.info.affine_source,
+        fov=case.fov.to_json(),
+        extra={"liverpipe_version": __version__, "axcodes": "".join(case.info.axcodes)},
     )
-    return meta, stored, label
-
-
-def normalise(
-    hu: np.ndarray, cfg: PreprocessConfig, zscore: ZScoreStats | None
-) -> tuple[np.ndarray, Intensity]:
-    if cfg.normalization == "window":
-        low, high = cfg.hu_window
-        normalised = normalize_ct(hu, cfg.hu_window)
-        stored, scale, offset = encode(normalised, cfg.storage_dtype, (0.0, 1.0))
-        return stored, Intensity("window", cfg.storage_dtype, scale, offset, high - low, low)
-    if zscore is None:
-        raise ValueError("normalization='zscore' needs dataset statistics")
-    normalised = zscore_ct(hu, zscore)
-    value_range = (
-        (zscore.low - zscore.mean) / zscore.std,
-        (zscore.high - zscore.mean) / zscore.std,
-    )
-    stored, scale, offset = encode(normalised, cfg.storage_dtype, value_range)
-    return stored, Intensity("zscore", cfg.storage_dtype, scale, offset, zscore.std, zscore.mean)
+    return meta, case.image, label, case.warnings
 
 
 def foreground_histogram(job: CaseJob) -> np.ndarray:

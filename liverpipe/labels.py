@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-__all__ = ["AXIS_ORDER", "DEFAULT_HU_WINDOW", "LABEL_NAMES", "Label"]
+__all__ = ["AXIS_ORDER", "DEFAULT_HU_WINDOW", "FLIP_DIMS", "LABEL_NAMES", "Label"]
 
 
 class Label(IntEnum):
@@ -28,3 +28,8 @@ DEFAULT_HU_WINDOW: Final[tuple[float, float]] = (-200.0, 250.0)
 
 #: Axis order of every canonical array: axial slices first, then rows (P->A), columns (L->R).
 AXIS_ORDER: Final[str] = "ZYX"
+
+#: Mirroring axes by name -> the dim they flip in a (B, C, Y, X) batch of canonical slices:
+#: "lr" mirrors columns (patient left-right), "ap" rows (front-back). Augmentation and
+#: test-time augmentation both use this table.
+FLIP_DIMS: Final[dict[str, int]] = {"lr": 3, "ap": 2}

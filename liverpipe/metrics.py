@@ -5,7 +5,8 @@ Overlap (Dice, Jaccard, precision, recall, pixel accuracy), surface distances in
 Every function is pure and works on one case's arrays; aggregation lives in
 :mod:`liverpipe.report`.
 
-The empty-ground-truth rule (:data:`EMPTY_RULE`) is applied by every function here.
+The empty-ground-truth rule (:func:`empty_rule_text`, LiTS by default) is applied by
+every function here that takes ``empty_rule``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import cc3d
 import numpy as np
@@ -24,27 +26,53 @@ __all__ = [
     "CLASSES",
     "EMPTY_RULE",
     "LESION_RULE",
+    "EmptyRule",
     "LesionCounts",
+    "balanced_accuracy",
+    "case_counts",
     "case_dice",
     "case_metrics",
     "class_masks",
     "dice",
+    "empty_rule_text",
     "lesion_detection",
     "overlap",
+    "pooled_score",
     "surface_distances",
 ]
 
 CLASSES = ("liver", "tumour")
 
-EMPTY_RULE = (
-    "A class absent from both the ground truth and the prediction is a true-negative case: "
-    "its overlap and distance metrics are undefined (NaN) and left out of means. Any other "
-    "0/0 ratio is 0: a class present in the ground truth but not predicted has Dice, "
-    "Jaccard and recall 0; predicted but absent from the ground truth, it has Dice, "
+EmptyRule = Literal["lits", "exclude"]
+
+_EMPTY_RULES: dict[str, str] = {
+    "lits": (
+        "LiTS convention: a class absent from the ground truth scores per-case Dice and "
+        "Jaccard 1 when nothing of it is predicted, and 0 when anything is (false "
+        "positives). Precision and recall of a class absent from both are undefined (NaN) "
+        "and left out of means."
+    ),
+    "exclude": (
+        "A class absent from both the ground truth and the prediction is a true-negative "
+        "case: its overlap metrics are undefined (NaN) and left out of means."
+    ),
+}
+_EMPTY_COMMON = (
+    " Any other 0/0 ratio is 0: a class present in the ground truth but not predicted has "
+    "Dice, Jaccard and recall 0; predicted but absent from the ground truth, it has Dice, "
     "Jaccard and precision 0. Surface distances (HD95, ASSD) and the relative volume "
     "difference are undefined when either mask (RVD: the ground truth) is empty, and are "
-    "left out of means; Dice already scores those cases 0."
+    "left out of means; Dice already scores those cases."
 )
+
+
+def empty_rule_text(rule: EmptyRule) -> str:
+    """The sentence the report prints for the empty-ground-truth rule in force."""
+    return f"[{rule}] " + _EMPTY_RULES[rule] + _EMPTY_COMMON
+
+
+#: The default rule (``[evaluate] empty_rule``), as text.
+EMPTY_RULE = empty_rule_text("lits")
 
 #: Overlap a lesion needs with the other side's components to count as found.
 LESION_DICE = 0.2
@@ -64,22 +92,29 @@ def class_masks(label: np.ndarray) -> dict[str, np.ndarray]:
     return {"liver": label >= Label.LIVER, "tumour": label == Label.TUMOUR}
 
 
-def _ratio(num: int, den: int, both_empty: bool) -> float:
+def _ratio(num: int, den: int, both_empty: bool, empty_value: float = math.nan) -> float:
     if both_empty:
-        return math.nan
+        return empty_value
     return num / den if den else 0.0
 
 
-def overlap(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice, Jaccard, precision, recall, accuracy and RVD of two boolean masks."""
+def overlap(
+    pred: np.ndarray, truth: np.ndarray, empty_rule: EmptyRule = "lits"
+) -> dict[str, float]:
+    """Dice, Jaccard, precision, recall, accuracy and RVD of two boolean masks.
+
+    When both masks are empty, Dice and Jaccard follow ``empty_rule`` (see
+    :func:`empty_rule_text`): 1 for "lits", NaN for "exclude".
+    """
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     tp = int(np.count_nonzero(p & t))
     n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
     fp, fn = n_p - tp, n_t - tp
     empty = n_p == 0 and n_t == 0
+    agreed = 1.0 if empty_rule == "lits" else math.nan
     return {
-        "dice": _ratio(2 * tp, n_p + n_t, empty),
-        "jaccard": _ratio(tp, tp + fp + fn, empty),
+        "dice": _ratio(2 * tp, n_p + n_t, empty, agreed),
+        "jaccard": _ratio(tp, tp + fp + fn, empty, agreed),
         "precision": _ratio(tp, n_p, empty),
         "recall": _ratio(tp, n_t, empty),
         "accuracy": (p.size - fp - fn) / p.size,
@@ -93,7 +128,7 @@ def overlap(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two boolean masks; NaN when both are empty."""
-    return overlap(pred, truth)["dice"]
+    return overlap(pred, truth, "exclude")["dice"]
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -144,9 +179,12 @@ class LesionCounts:
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        if math.isnan(p) or math.isnan(r):
+        """Harmonic mean of precision and recall. NaN only when there is nothing to find
+        and nothing was predicted; a missed or a spurious lesion set scores 0."""
+        if self.true_lesions == 0 and self.predicted == 0:
             return math.nan
+        p = self.precision if self.predicted else 0.0
+        r = self.recall if self.true_lesions else 0.0
         return 2 * p * r / (p + r) if p + r else 0.0
 
     def __add__(self, other: LesionCounts) -> LesionCounts:
@@ -205,18 +243,59 @@ def lesion_detection(pred_tumour: np.ndarray, true_tumour: np.ndarray) -> Lesion
 
 
 def case_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Per-class Dice of one case's predicted and true label volumes (validation)."""
+    """Per-class Dice of one case's predicted and true label volumes (NaN when both empty)."""
     p, t = class_masks(pred), class_masks(truth)
     return {name: dice(p[name], t[name]) for name in CLASSES}
 
 
+def case_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, tuple[int, int, int]]:
+    """Per-class (tp, fp, fn) voxel counts of one case, for pooled (split-level) Dice."""
+    p, t = class_masks(pred), class_masks(truth)
+    out = {}
+    for name in CLASSES:
+        tp = int(np.count_nonzero(p[name] & t[name]))
+        out[name] = (tp, int(np.count_nonzero(p[name])) - tp, int(np.count_nonzero(t[name])) - tp)
+    return out
+
+
+def pooled_score(counts: Sequence[dict[str, tuple[int, int, int]]]) -> dict[str, float]:
+    """Dice pooled over cases per class, and ``score``: their mean over the classes present
+    in the ground truth of any case. One case cannot flip it between NaN and 0: a
+    tumour-free case adds its false positives to the tumour pool, no more."""
+    pooled: dict[str, float] = {}
+    present = []
+    for name in CLASSES:
+        tp, fp, fn = (sum(c[name][i] for c in counts) for i in range(3))
+        pooled[name] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+        if tp + fn > 0:
+            present.append(pooled[name])
+    pooled["score"] = float(np.mean(present)) if present else math.nan
+    return pooled
+
+
+def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over the label values present in ``truth`` (0, 1, 2) of the fraction of their
+    voxels predicted as that value: pixel accuracy that background cannot dominate."""
+    recalls = []
+    for value in (int(v) for v in Label):
+        where = truth == value
+        count = int(np.count_nonzero(where))
+        if count:
+            recalls.append(int(np.count_nonzero(pred[where] == value)) / count)
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
 def case_metrics(
-    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    empty_rule: EmptyRule = "lits",
 ) -> dict[str, object]:
     """Every metric of one case: per class overlap and distances, lesions, accuracy.
 
     ``pred`` and ``truth`` are label volumes (0, 1, 2) on the same grid, ``spacing`` its
-    voxel size along the arrays' axes in mm.
+    voxel size along the arrays' axes in mm; ``empty_rule`` scores classes absent from
+    the ground truth (:func:`empty_rule_text`).
     """
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
@@ -224,12 +303,13 @@ def case_metrics(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     classes: dict[str, dict[str, float]] = {}
     for name in CLASSES:
-        row = overlap(p[name], t[name]) | surface_distances(p[name], t[name], spacing)
+        row = overlap(p[name], t[name], empty_rule) | surface_distances(p[name], t[name], spacing)
         row["volume_pred_ml"] = (row["tp"] + row["fp"]) * voxel_ml
         row["volume_true_ml"] = (row["tp"] + row["fn"]) * voxel_ml
         classes[name] = row
     return {
         "pixel_accuracy": float(np.count_nonzero(pred == truth)) / pred.size,
+        "balanced_accuracy": balanced_accuracy(pred, truth),
         "classes": classes,
         "lesions": lesion_detection(p["tumour"], t["tumour"]).as_dict(),
     }

@@ -11,16 +11,17 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
 from isal import igzip
-from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
+from nibabel.orientations import io_orientation
 
-from liverpipe.errors import InvalidScanError
+from liverpipe.errors import InvalidScanError, LiverpipeError
 from liverpipe.settings import CheckConfig
+from liverpipe.sniff import sniff
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -34,8 +35,8 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_GZIP_MAGIC = b"\x1f\x8b"
 _GUNZIP_PIECE = 16 << 20
+AffineSource = Literal["sform", "qform", "pixdim"]
 
 
 def is_nifti(path: Path) -> bool:
@@ -57,7 +58,9 @@ class NiftiInfo:
     """What the header says about one file; no voxel has been read yet.
 
     ``shape`` and ``spacing`` follow the file's voxel axes (i, j, k); spacing in mm.
-    ``affine`` maps (i, j, k) to RAS+ millimetres (nibabel's choice of sform, then qform).
+    ``affine`` maps (i, j, k) to RAS+ millimetres: the sform when its code is set, else
+    the qform, else a guess from pixdim (nibabel's choice); ``affine_source`` says which.
+    ``warnings`` are sentences (file, problem, fix) about usable but doubtful headers.
     """
 
     path: Path
@@ -67,6 +70,8 @@ class NiftiInfo:
     affine: np.ndarray
     disk_dtype: np.dtype[Any]
     axcodes: tuple[str, str, str]
+    affine_source: AffineSource = "sform"
+    warnings: tuple[str, ...] = ()
 
     @property
     def header(self) -> nib.Nifti1Header:
@@ -77,24 +82,86 @@ def read_header(path: Path, limits: CheckConfig | None = None) -> NiftiInfo:
     """Parse and validate a NIfTI header without reading voxel data.
 
     Raises:
-        InvalidScanError: the file is missing, not NIfTI, not 3D, too large, has an
-            unsupported data type, non-positive spacing or a singular affine, or (for
-            ``.nii``) is shorter than its header promises.
+        InvalidScanError: the file is missing, empty, another format (named by its
+            content), not 3D, too large, has an unsupported data type, a header nibabel
+            refuses, non-positive spacing or a singular affine, or (for ``.nii``) is
+            shorter than its header promises.
     """
     limits = limits or CheckConfig()
     path = Path(path)
     image = _load_lazy(path)
+    try:
+        return _parse_header(path, image, limits)
+    except LiverpipeError:
+        raise
+    except Exception as err:  # nibabel's own checks, or arithmetic on garbage fields
+        raise InvalidScanError(
+            path,
+            f"the NIfTI header is inconsistent ({type(err).__name__}: {err})",
+            "export the scan again (e.g. dcm2niix), or repair the named header field",
+        ) from err
+
+
+def _parse_header(
+    path: Path, image: nib.Nifti1Image | nib.Nifti2Image, limits: CheckConfig
+) -> NiftiInfo:
     shape = _spatial_shape(path, tuple(int(d) for d in image.shape))
     _check_size(path, shape, limits)
     dtype = _check_dtype(path, image)
     _check_raw_pixdim(path, type(image.header))
+    _check_offset(path, image)
+    _proxy_float(image, "slope"), _proxy_float(image, "inter")  # nibabel validates them here
     affine = np.asarray(image.affine, dtype=np.float64)
     _check_affine(path, affine)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     if path.name.endswith(".nii"):
         _check_plain_length(path, image, shape, dtype)
     axcodes = tuple(str(c) for c in nib.aff2axcodes(affine))
-    return NiftiInfo(path, image, shape, spacing, affine, dtype, axcodes)  # type: ignore[arg-type]
+    source, warnings = _affine_source(path, image.header, shape, limits.affine_tolerance_mm)
+    return NiftiInfo(path, image, shape, spacing, affine, dtype, axcodes, source, warnings)  # type: ignore[arg-type]
+
+
+def _affine_source(
+    path: Path, header: nib.Nifti1Header, shape: tuple[int, int, int], tolerance_mm: float
+) -> tuple[AffineSource, tuple[str, ...]]:
+    """Which transform ``image.affine`` is, and warnings when the header is ambiguous."""
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if scode == 0 and qcode == 0:
+        return "pixdim", (
+            f"{path}: qform_code and sform_code are both 0, so the voxel-to-world affine is "
+            "a guess from the voxel size alone (no orientation, no origin). Fix: export the "
+            "scan again with its real orientation (e.g. dcm2niix), or set the qform/sform.",
+        )
+    if scode == 0 or qcode == 0:
+        return ("sform" if scode else "qform"), ()
+    qform, sform = header.get_qform(), header.get_sform()
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, shape[0] - 1)
+            for j in (0, shape[1] - 1)
+            for k in (0, shape[2] - 1)
+        ]
+    )
+    gap = float(np.abs(corners @ qform.T - corners @ sform.T)[:, :3].max())
+    if not gap <= tolerance_mm:
+        return "sform", (
+            f"{path}: the qform and the sform disagree by {gap:.4g} mm at the volume's corners "
+            f"(qform {_axes(qform)} origin {_origin(qform)}; sform {_axes(sform)} origin "
+            f"{_origin(sform)}). liverpipe uses the sform, as nibabel does; tools that read "
+            "the qform (ITK-based ones such as ITK-SNAP, 3D Slicer and SimpleITK may) will "
+            "show the scan and its masks elsewhere. Fix: make them agree, e.g. "
+            "`img.set_qform(img.get_sform())` in nibabel, once you know which one is right.",
+        )
+    return "sform", ()
+
+
+def _axes(affine: np.ndarray) -> str:
+    return "".join(str(c) for c in nib.aff2axcodes(affine))
+
+
+def _origin(affine: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in affine[:3, 3]) + ")"
 
 
 def read_voxels(info: NiftiInfo) -> np.ndarray:
@@ -112,6 +179,19 @@ def read_voxels(info: NiftiInfo) -> np.ndarray:
 
 def read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
     """:func:`read_voxels` plus the sha256 of the file bytes that were decoded."""
+    try:
+        return _read_voxels_hashed(info)
+    except LiverpipeError:
+        raise
+    except (OSError, ValueError, TypeError, ArithmeticError) as err:
+        raise InvalidScanError(
+            info.path,
+            f"the voxel data cannot be read ({type(err).__name__}: {err})",
+            "download or export the file again",
+        ) from err
+
+
+def _read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
     offset = _proxy_int(info.image, "offset")
     need = offset + int(np.prod(info.shape)) * info.disk_dtype.itemsize
     if info.path.name.endswith(".gz"):
@@ -148,9 +228,10 @@ def _scaled(info: NiftiInfo, data: np.ndarray) -> np.ndarray:
     scaled = slope != 1.0 or inter != 0.0
     if scaled or (data.dtype.kind == "f" and data.dtype != np.float32):
         out = data.astype(np.float32, order="F")
-        if scaled:
-            out *= np.float32(slope)
-            out += np.float32(inter)
+        if scaled:  # overflow becomes inf, which the value check then names
+            with np.errstate(over="ignore", invalid="ignore"):
+                out *= np.float32(slope)
+                out += np.float32(inter)
         return out
     if data.dtype.isnative:
         return data
@@ -167,7 +248,7 @@ def _gunzip_into(info: NiftiInfo, blob: bytes, out: memoryview) -> int:
                 if not n:
                     break
                 filled += n
-    except (EOFError, OSError, ValueError) as err:
+    except Exception as err:  # isal raises EOFError, OSError, ValueError or its own error
         raise InvalidScanError(
             info.path,
             f"the gzip stream is truncated or corrupt ({err})",
@@ -190,29 +271,52 @@ def _load_lazy(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
             path, "the file does not exist", "check the path and the data folder"
         )
     try:
-        with path.open("rb") as fh:
-            magic = fh.read(2)
+        kind = sniff(path)
     except OSError as err:
         raise InvalidScanError(
             path, f"the file cannot be opened ({err})", "check its permissions"
         ) from err
-    if path.name.endswith(".gz") and magic != _GZIP_MAGIC:
+    if not kind.nifti:
+        detail = f" ({kind.gzip_error})" if kind.gzip_error else ""
+        raise InvalidScanError(path, f"the file is {kind.name}{detail}", kind.fix)
+    if path.name.endswith(".gz") and not kind.gzip:
         raise InvalidScanError(
-            path, "the name ends in .gz but the file is not gzip-compressed", "rename it to .nii"
+            path,
+            f"the file is plain (uncompressed) {kind.name} but its name ends in .gz",
+            "rename it to .nii",
+        )
+    if not path.name.endswith(".gz") and kind.gzip:
+        raise InvalidScanError(
+            path,
+            f"the file is gzip-compressed {kind.name} but its name ends in .nii",
+            "rename it to .nii.gz",
         )
     try:
         image = nib.load(path)
-    except (ImageFileError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # nibabel raises many types for a damaged header
         raise InvalidScanError(
             path,
-            f"the header cannot be read as NIfTI-1 or NIfTI-2 ({err})",
-            "export the scan again as NIfTI (e.g. dcm2niix) or download it again",
+            f"nibabel refuses the {kind.name} header ({type(err).__name__}: {err})",
+            _header_fix(str(err)),
         ) from err
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InvalidScanError(
             path, f"the file is {type(image).__name__}, not NIfTI", "convert it to NIfTI"
         )
     return image
+
+
+def _header_fix(message: str) -> str:
+    """The fix for a header nibabel refuses, from what it complains about."""
+    lowered = message.lower()
+    if "slope" in lowered or "intercept" in lowered:
+        return (
+            "set scl_slope/scl_inter to finite values (1 and 0 when the data need no "
+            "scaling), e.g. nibabel `img.header.set_slope_inter(1, 0)` on a copy"
+        )
+    if "data type" in lowered or "datatype" in lowered or "dtype" in lowered:
+        return "save the scan as int16, uint16 or float32"
+    return "export the scan again as NIfTI (e.g. dcm2niix) or download it again"
 
 
 def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -233,6 +337,24 @@ def _check_size(path: Path, shape: tuple[int, int, int], limits: CheckConfig) ->
             f"the header claims shape {shape} ({voxels} voxels); the limits are "
             f"{limits.max_dim} per axis and {limits.max_voxels} voxels",
             "check that the header is not corrupt, or raise [check] max_dim / max_voxels",
+        )
+
+
+#: Largest vox_offset accepted: header plus extensions (DICOM or JSON sidecars fit easily).
+MAX_VOX_OFFSET = 64 << 20
+
+
+def _check_offset(path: Path, image: nib.Nifti1Image | nib.Nifti2Image) -> None:
+    """Refuse a vox_offset inside the header or absurdly far beyond it (a corrupt field),
+    before anything is allocated from it."""
+    offset = _proxy_int(image, "offset")
+    size = int(image.header.sizeof_hdr)
+    if not size <= offset <= MAX_VOX_OFFSET:
+        raise InvalidScanError(
+            path,
+            f"the header puts the voxel data at byte {offset} (vox_offset); it must lie "
+            f"between the end of the {size}-byte header and {MAX_VOX_OFFSET} bytes",
+            "the header is corrupt; export or download the scan again",
         )
 
 
@@ -269,6 +391,17 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
             "the voxel-to-world affine (sform/qform) is not finite and invertible",
             "repair the sform/qform in the header (e.g. nibabel set_sform with a valid matrix)",
         )
+    if np.isnan(io_orientation(affine)).any():  # two voxel axes point along one body axis
+        raise InvalidScanError(
+            path,
+            f"the voxel axes cannot be matched to the patient's axes (affine {_axes_text(affine)} "
+            "is sheared or degenerate)",
+            "repair the sform/qform in the header; a CT volume's voxel axes are orthogonal",
+        )
+
+
+def _axes_text(affine: np.ndarray) -> str:
+    return "[" + "; ".join(", ".join(f"{v:.3g}" for v in row) for row in affine[:3]) + "]"
 
 
 def _check_plain_length(

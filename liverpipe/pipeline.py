@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ from liverpipe.ingest import (
 )
 from liverpipe.nifti import file_sha256
 from liverpipe.preprocess import ZScoreStats
-from liverpipe.settings import PreprocessConfig, Settings
+from liverpipe.settings import CheckConfig, PreprocessConfig, Settings
 from storage import SCHEMA_VERSION, ManifestEntry, SliceStore
 from storage.manifest import utc_now
 
@@ -42,6 +43,7 @@ __all__ = [
     "RunSummary",
     "Runner",
     "assign_split",
+    "assign_splits",
     "effective_config_hash",
     "plan",
     "preprocess_dataset",
@@ -53,18 +55,60 @@ Runner = Callable[[Callable[[Any], Any], Sequence[Any], Sequence[str]], Iterator
 
 
 def assign_split(case_id: str, fractions: tuple[float, float, float], salt: str) -> Split:
-    """Deterministic split from the case id alone: adding cases never moves old ones."""
-    digest = hashlib.sha256(f"{salt}:{case_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    """The hash split of a case id alone (see :func:`assign_splits` for small datasets)."""
+    u = _split_u(case_id, salt)
     if u < fractions[0]:
         return "train"
     return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def _split_u(case_id: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(
+    new_ids: Sequence[str],
+    existing: Mapping[str, Split],
+    fractions: tuple[float, float, float],
+    salt: str,
+) -> dict[str, Split]:
+    """Splits for new cases, never moving an ``existing`` one.
+
+    Each new case takes its hash split (:func:`assign_split`). Then, once there are 3 or
+    more cases, a val or test split that is still empty (and has a non-zero fraction)
+    takes one new case from a split that keeps at least one case: the one whose hash is
+    nearest that split's band. So small datasets always have a case to validate and one
+    to test on, and a case never changes split when more cases arrive.
+    """
+    out = {cid: assign_split(cid, fractions, salt) for cid in sorted(new_ids)}
+    if len(existing) + len(out) < 3:
+        return out
+    targets: tuple[tuple[int, Split], ...] = ((1, "val"), (2, "test"))
+    for index, split in targets:
+        counts = Counter([*existing.values(), *out.values()])
+        if fractions[index] == 0 or counts[split]:
+            continue
+        band = (sum(fractions[:index]), sum(fractions[: index + 1]))
+        middle = (band[0] + band[1]) / 2
+        movable = [c for c in out if counts[out[c]] > 1]
+        if movable:
+            chosen = min(movable, key=lambda c: (abs(_split_u(c, salt) - middle), c))
+            out[chosen] = split
+    return out
+
+
+#: Revision of the forward path's output. Bump it when a change alters stored arrays for
+#: the same input and config (2: end slices clamped to the scan's edge voxels), so that
+#: stores made before it reprocess their cases instead of being refused.
+FORWARD_REVISION = 2
 
 
 def effective_config_hash(config: PreprocessConfig, zscore: ZScoreStats | None) -> str:
     """Hash of everything that shapes stored arrays: config, z-score stats, schema version."""
     payload = {
         "schema": SCHEMA_VERSION,
+        "forward": FORWARD_REVISION,
         "preprocess": config.model_dump(mode="json"),
         "zscore": None if zscore is None else zscore.__dict__,
     }
@@ -92,6 +136,8 @@ class Plan:
     missing: list[str]
     unlabelled: list[str]
     sources: dict[str, str]
+    #: Cases that failed on these very files and this config before: not retried.
+    still_failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,11 +148,13 @@ class RunSummary:
     missing: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
+    still_failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.still_failed
 
     @property
     def cases_per_minute(self) -> float:
@@ -120,6 +168,8 @@ class RunSummary:
             "missing_sources": self.missing,
             "unlabelled_not_stored": self.unlabelled,
             "recovered": self.recovered,
+            "warnings": self.warnings,
+            "still_failed_unchanged": self.still_failed,
             "seconds": round(self.seconds, 2),
             "cases_per_minute": round(self.cases_per_minute, 2),
         }
@@ -144,9 +194,14 @@ def plan(
     config_hash: str,
     zscore: ZScoreStats | None,
     threads: int = 2,
+    sticky_splits: bool = True,
+    limits: CheckConfig | None = None,
 ) -> Plan:
     """Hash every source and compare with the manifest ``entries``: only new or changed
-    cases (or every case, after a config change) become jobs."""
+    cases (or every case, after a config change) become jobs.
+
+    A case keeps the split its manifest entry records (``sticky_splits``, unless the split
+    rule changed); new cases get theirs from :func:`assign_splits`."""
     index = discover(data_dir)
     labelled = [
         c for c in index.training if not c.problems and c.image is not None and c.label is not None
@@ -157,7 +212,9 @@ def plan(
     invalid = [c for c in index.training if c.problems and c.case_id not in kept]
     unlabelled = [c.case_id for c in index.cases if c.role == "test"]
     sources = _source_hashes(labelled, threads)
-    todo, skipped = [], []
+    todo: list[CaseJob] = []
+    skipped = []
+    still_failed: dict[str, str] = {}
     for case in labelled:
         entry = entries.get(case.case_id)
         current = (
@@ -166,18 +223,53 @@ def plan(
             and entry.source_sha256 == sources[case.case_id]
             and entry.config_hash == config_hash
         )
+        known_bad = (
+            entry is not None
+            and entry.status == "failed"
+            and entry.permanent
+            and entry.source_sha256 == sources[case.case_id]
+            and entry.config_hash == config_hash
+        )
         if current:
             skipped.append(case.case_id)
+        elif known_bad:
+            assert entry is not None
+            still_failed[case.case_id] = entry.error or "failed"
         else:
             assert case.image is not None
             todo.append(
                 CaseJob(
-                    case.case_id, case.image, case.label, store_root, config, config_hash, zscore
+                    case.case_id,
+                    case.image,
+                    case.label,
+                    store_root,
+                    config,
+                    config_hash,
+                    zscore,
+                    limits=limits or CheckConfig(),
                 )
             )
+    splits = _splits_for([j.case_id for j in todo], entries, config, sticky_splits)
+    todo = [replace(j, split=splits[j.case_id]) for j in todo]
     seen = {c.case_id for c in index.training}
     missing = sorted(cid for cid in entries if cid not in seen or cid in kept)
-    return Plan(todo, skipped, invalid, missing, unlabelled, sources)
+    return Plan(todo, skipped, invalid, missing, unlabelled, sources, still_failed)
+
+
+def _splits_for(
+    todo: Sequence[str],
+    entries: Mapping[str, ManifestEntry],
+    config: PreprocessConfig,
+    sticky: bool,
+) -> dict[str, Split]:
+    """The split of each case to process: its recorded one, or a new assignment."""
+    wanted = set(todo)
+    kept: dict[str, Split] = {
+        cid: e.split for cid, e in entries.items() if sticky and (e.status == "ok" or cid in wanted)
+    }
+    new = [cid for cid in todo if cid not in kept]
+    assigned = assign_splits(new, kept, config.split_fractions, config.split_salt)
+    return {cid: kept.get(cid) or assigned[cid] for cid in todo}
 
 
 def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> ManifestEntry:
@@ -194,7 +286,7 @@ def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> Man
     return ManifestEntry(
         case_id=job.case_id,
         status="ok" if result.ok else "failed",
-        split=assign_split(job.case_id, job.config.split_fractions, job.config.split_salt),
+        split=job.split,
         source_sha256=result.source_sha256 or source,
         config_hash=job.config_hash,
         image=str(job.image),
@@ -203,6 +295,8 @@ def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> Man
         updated=now,
         error=result.error,
         shape=result.shape,
+        warnings=result.warnings,
+        permanent=result.permanent,
     )
 
 
@@ -255,6 +349,7 @@ def preprocess_dataset(
     with store.lock(settings.store.stale_lock_seconds):
         summary.recovered = store.recover()
         store.reload()
+        sticky = _split_rule(store.meta.config) == _split_rule(config_record)
         if store.meta.config_hash != config_hash:
             store.set_config(config_hash, config_record)
         work = plan(
@@ -265,10 +360,13 @@ def preprocess_dataset(
             config_hash,
             zscore,
             threads=available_cpus(),
+            sticky_splits=sticky,
+            limits=settings.check,
         )
         if on_plan:
             on_plan(work)
         summary.skipped, summary.unlabelled = work.skipped, work.unlabelled
+        summary.still_failed = work.still_failed
         _record_invalid(store, work, cfg, config_hash, summary)
         _record_missing(store, work, summary)
         for job, result in runner(
@@ -276,6 +374,8 @@ def preprocess_dataset(
         ):
             entry = _entry(job, result, work.sources[job.case_id])
             store.commit(entry)
+            if entry.warnings:
+                summary.warnings[job.case_id] = list(entry.warnings)
             if entry.status == "ok":
                 summary.processed.append(job.case_id)
             else:
@@ -292,7 +392,10 @@ def _record_invalid(
     for case in work.invalid:
         now = utc_now()
         error = " ".join(case.problems)
-        split = assign_split(case.case_id, cfg.split_fractions, cfg.split_salt)
+        old = store.manifest.entries.get(case.case_id)
+        split = (
+            old.split if old else assign_split(case.case_id, cfg.split_fractions, cfg.split_salt)
+        )
         image = str(case.image) if case.image else ""
         store.commit(
             ManifestEntry(
@@ -320,6 +423,12 @@ def _record_missing(store: SliceStore, work: Plan, summary: RunSummary) -> None:
         if entry.source_missing and case_id not in work.missing:
             store.commit(replace(entry, source_missing=False, updated=utc_now()))
     summary.missing = work.missing
+
+
+def _split_rule(record: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The settings that decide splits, from a store's config record."""
+    preprocess = record.get("preprocess", {})
+    return preprocess.get("split_fractions"), preprocess.get("split_salt")
 
 
 def _existing_zscore(store_path: Path, cfg: PreprocessConfig) -> ZScoreStats | None:

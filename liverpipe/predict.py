@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from liverpipe.errors import LiverpipeError
-from liverpipe.inference import native_labels, predict_probabilities, prepare_scan
+from liverpipe.inference import (
+    PreparedScan,
+    native_labels,
+    predict_probabilities,
+    prepare_scan,
+    tta_flips,
+)
 from liverpipe.measure import measure
 from liverpipe.models import build_model
 from liverpipe.nifti import NiftiInfo, case_id_of, is_nifti
@@ -132,9 +138,24 @@ class Predictor:
                     "its context_slices differs from the other runs'",
                     "ensemble runs with the same context_slices",
                 )
+        if self.tta and self.tta_flips == [()]:
+            raise LiverpipeError(
+                first.run_dir,
+                "test-time augmentation averages the flips the model trained with, and "
+                "these runs share none ([train.augment] flip_axes)",
+                "predict without --tta, or retrain with flip_axes = ['lr', 'ap']",
+            )
 
-    def labels(self, path: Path) -> tuple[np.ndarray, NiftiInfo]:
-        """Post-processed uint8 labels in the file's (i, j, k) order, and its header."""
+    @property
+    def tta_flips(self) -> list[tuple[int, ...]]:
+        """The flips TTA averages: every combination of the axes all runs trained with."""
+        if not self.tta:
+            return [()]
+        axes = set.intersection(*(set(r.train.augment.flip_axes) for r in self.runs))
+        return tta_flips(tuple(sorted(axes)))
+
+    def predict(self, path: Path) -> tuple[np.ndarray, PreparedScan]:
+        """Post-processed uint8 labels in the file's (i, j, k) order, and the prepared scan."""
         first = self.runs[0]
         scan = prepare_scan(path, first.preprocess, first.zscore)
         probs = predict_probabilities(
@@ -142,10 +163,15 @@ class Predictor:
             scan.image,
             first.train.context_slices,
             self.device,
-            self.tta,
+            flips=self.tta_flips,
         )
         stored = probs.argmax(0).astype(np.uint8)
         labels = native_labels(stored, scan, self.post.largest_liver, self.post.tumour_in_liver)
+        return labels, scan
+
+    def labels(self, path: Path) -> tuple[np.ndarray, NiftiInfo]:
+        """Post-processed uint8 labels in the file's (i, j, k) order, and its header."""
+        labels, scan = self.predict(path)
         return labels, scan.info
 
 
@@ -170,14 +196,18 @@ def _json_path(mask: Path) -> Path:
 
 def predict_file(predictor: Predictor, scan: Path, out: Path) -> dict[str, Any]:
     """Predict one scan into ``out`` (NIfTI) and ``out``'s ``.json`` measurements."""
-    labels, info = predictor.labels(scan)
-    write_labels(labels, info, out)
+    labels, prepared = predictor.predict(scan)
+    write_labels(labels, prepared.info, out)
     record = {
         "scan": str(scan),
         "mask": str(out),
         "models": [str(r.checkpoint) for r in predictor.runs],
         "tta": predictor.tta,
-        **measure(labels, info.affine),
+        "tta_flips": [list(f) for f in predictor.tta_flips if f],
+        "affine_source": prepared.info.affine_source,
+        "fov": prepared.fov.to_json(),
+        "warnings": list(prepared.warnings),
+        **measure(labels, prepared.info.affine),
     }
     _json_path(out).write_text(json.dumps(record, indent=2))
     return record
@@ -218,6 +248,12 @@ def predict_path(
             results[scan] = predict_file(predictor, scan, output / f"{case_id_of(scan)}.nii.gz")
         except LiverpipeError as err:
             results[scan] = err
+        except Exception as err:  # a bug must not stop the scans after this one
+            results[scan] = LiverpipeError(
+                scan,
+                f"prediction failed unexpectedly ({type(err).__name__}: {err})",
+                "report it with the scan's header (`nib-ls -H FILE`); the other scans go on",
+            )
         if on_done:
             on_done(scan, results[scan])
     return results

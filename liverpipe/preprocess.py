@@ -22,11 +22,16 @@ from liverpipe.labels import Label
 from liverpipe.settings import PreprocessConfig
 
 __all__ = [
+    "BODY_STEPS",
+    "BodyFootprint",
     "Grid",
     "ZScoreStats",
     "body_centre",
+    "body_footprint",
     "canonical_view",
+    "edge_clamped_slab",
     "encode",
+    "fraction_outside",
     "hu_statistics",
     "normalize_ct",
     "resample_image",
@@ -71,22 +76,91 @@ class ZScoreStats:
     std: float
 
 
+#: Subsampling (z, y, x) of the canonical volume for body detection.
+BODY_STEPS = (2, 4, 4)
+
+
+@dataclass(frozen=True, eq=False)
+class BodyFootprint:
+    """Where the body lies in-plane, from the largest connected component above a threshold.
+
+    ``columns`` is the (Y', X') count of body voxels per column of the subsampled
+    canonical grid (every ``BODY_STEPS``-th slice, row and column); canonical row ``y``
+    is ``y' * BODY_STEPS[1]``. ``columns`` is None when nothing exceeds the threshold.
+    """
+
+    shape: tuple[int, int, int]  # the canonical (Z, Y, X) shape it was computed on
+    columns: np.ndarray | None
+
+    @property
+    def box(self) -> tuple[float, float, float, float] | None:
+        """Canonical (x0, x1, y0, y1) index range of the body, or None."""
+        if self.columns is None:
+            return None
+        ys, xs = np.nonzero(self.columns)
+        step_y, step_x = BODY_STEPS[1], BODY_STEPS[2]
+        return (
+            float(xs.min() * step_x),
+            float(min(xs.max() * step_x + step_x - 1, self.shape[2] - 1)),
+            float(ys.min() * step_y),
+            float(min(ys.max() * step_y + step_y - 1, self.shape[1] - 1)),
+        )
+
+    @property
+    def centre(self) -> np.ndarray:
+        """Canonical (x, y) index of the body's bounding-box centre (image centre if none)."""
+        if self.columns is None:
+            return np.array([(self.shape[2] - 1) / 2, (self.shape[1] - 1) / 2])
+        ys, xs = np.nonzero(self.columns)
+        lo_x, hi_x = xs.min() * BODY_STEPS[2], xs.max() * BODY_STEPS[2]
+        lo_y, hi_y = ys.min() * BODY_STEPS[1], ys.max() * BODY_STEPS[1]
+        return np.array([(lo_x + hi_x) / 2, (lo_y + hi_y) / 2])
+
+    def fraction_outside(self, window: tuple[float, float, float, float]) -> float:
+        """Fraction of (subsampled) body voxels whose column lies outside ``window``,
+        a canonical (x0, x1, y0, y1) index range."""
+        if self.columns is None:
+            return 0.0
+        return fraction_outside(self.columns, window, BODY_STEPS[1:])
+
+
+def fraction_outside(
+    columns: np.ndarray, window: tuple[float, float, float, float], steps: tuple[int, int] = (1, 1)
+) -> float:
+    """Fraction of the counts in (Y', X') ``columns`` outside a canonical (x0, x1, y0, y1)
+    window; column (y', x') sits at canonical (y' * steps[0], x' * steps[1])."""
+    total = int(columns.sum())
+    if total == 0:
+        return 0.0
+    ys = np.arange(columns.shape[0]) * steps[0]
+    xs = np.arange(columns.shape[1]) * steps[1]
+    inside_y = (ys >= window[2]) & (ys <= window[3])
+    inside_x = (xs >= window[0]) & (xs <= window[1])
+    inside = int(columns[np.ix_(inside_y, inside_x)].sum())
+    return (total - inside) / total
+
+
+def body_footprint(canonical: np.ndarray, threshold_hu: float) -> BodyFootprint:
+    """The body's in-plane footprint in a canonical (Z, Y, X) HU volume.
+
+    The body is the largest 6-connected component above ``threshold_hu`` on a subsampled
+    copy (``BODY_STEPS``), which keeps the table and stray air pockets out.
+    """
+    steps = BODY_STEPS
+    coarse = np.ascontiguousarray(canonical[:: steps[0], :: steps[1], :: steps[2]] > threshold_hu)
+    shape = tuple(int(n) for n in canonical.shape)
+    if not coarse.any():
+        return BodyFootprint(shape, None)  # type: ignore[arg-type]
+    body = cc3d.largest_k(coarse, k=1, connectivity=6) > 0
+    return BodyFootprint(shape, body.sum(axis=0))  # type: ignore[arg-type]
+
+
 def body_centre(canonical: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Canonical (x, y) index of the body's in-plane bounding-box centre.
 
-    The body is the largest 3D connected component above ``threshold_hu`` on a
-    subsampled copy (every 2nd slice, every 4th row and column) of the (Z, Y, X)
-    array. Returns the image centre when nothing exceeds the threshold.
+    See :func:`body_footprint`. Returns the image centre when nothing exceeds the threshold.
     """
-    steps = np.array([2, 4, 4])
-    coarse = np.ascontiguousarray(canonical[:: steps[0], :: steps[1], :: steps[2]] > threshold_hu)
-    _, y_size, x_size = canonical.shape
-    if not coarse.any():
-        return np.array([(x_size - 1) / 2, (y_size - 1) / 2])
-    body = cc3d.largest_k(coarse, k=1, connectivity=6) > 0
-    zyx = np.argwhere(body)
-    lo, hi = zyx.min(axis=0) * steps, zyx.max(axis=0) * steps
-    return np.array([(lo[2] + hi[2]) / 2, (lo[1] + hi[1]) / 2])
+    return body_footprint(canonical, threshold_hu).centre
 
 
 def canonical_view(data: np.ndarray, geometry: CanonicalGeometry) -> np.ndarray:
@@ -175,13 +249,29 @@ def resample_image(
         source_z = (corners @ to_source.T)[:, 2]
         s0 = int(np.clip(np.floor(source_z.min()) - margin, 0, depth - 1))
         s1 = int(np.clip(np.ceil(source_z.max()) + margin + 1, s0 + 1, depth))
+        source, first = edge_clamped_slab(canonical, s0, s1)
         shift_out, shift_in = np.eye(4), np.eye(4)
-        shift_out[2, 3], shift_in[2, 3] = z0, s0
+        shift_out[2, 3], shift_in[2, 3] = z0, first
         sub = Grid((z1 - z0, grid.shape[1], grid.shape[2]), grid.affine @ shift_out, (0, 0, 0))
-        out[z0:z1] = resample_to_grid(
-            canonical[s0:s1], affine @ shift_in, sub, interpolation, AIR_HU
-        )
+        out[z0:z1] = resample_to_grid(source, affine @ shift_in, sub, interpolation, AIR_HU)
     return out
+
+
+def edge_clamped_slab(volume: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, int]:
+    """Slices ``start:stop`` of a (Z, ...) volume, with its first (last) slice repeated once
+    before (after) the slab when the slab reaches that end; a contiguous copy.
+
+    Returns the slab and the z index of its first slice in ``volume`` (-1 when padded).
+    A stored grid that covers the scan's whole extent puts its end slices' centres up to
+    the scan's outer face, half a voxel beyond the last voxel centre: SimpleITK counts the
+    face itself as outside the image. The repeated slice clamps those samples to the edge
+    voxel instead of the background.
+    """
+    depth = volume.shape[0]
+    before = 1 if start == 0 else 0
+    after = 1 if stop == depth else 0
+    index = np.clip(np.arange(start - before, stop + after), 0, depth - 1)
+    return np.ascontiguousarray(volume[index]), start - before
 
 
 def resample_label(
@@ -242,9 +332,10 @@ def _resample_in_box(
     shift = np.eye(4)
     shift[:3, 3] = start
     sub_grid = Grid(tuple(int(v) for v in (stop - start)[::-1]), grid.affine @ shift, (0, 0, 0))  # type: ignore[arg-type]
+    slab, first = edge_clamped_slab(values[:, box[1], box[2]], box[0].start, box[0].stop)
     source_shift = np.eye(4)
-    source_shift[:3, 3] = lo
-    resampled = resample_to_grid(values[box], affine @ source_shift, sub_grid, interpolation, 0)
+    source_shift[:3, 3] = (lo[0], lo[1], first)
+    resampled = resample_to_grid(slab, affine @ source_shift, sub_grid, interpolation, 0)
     out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = encode_values(resampled)
 
 

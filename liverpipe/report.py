@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from liverpipe.evaluate import Evaluation, aggregate_value, write_metrics
 from liverpipe.labels import DEFAULT_HU_WINDOW
-from liverpipe.metrics import EMPTY_RULE, LESION_RULE
+from liverpipe.metrics import LESION_RULE, empty_rule_text
 
 __all__ = ["HEADLINE", "headline_rows", "headline_split", "write_report"]
 
@@ -125,9 +125,9 @@ def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
         rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
         steps = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
         vals = [
-            (r["step"], r["val"]["mean_fg_dice"])
+            (r["step"], r["val"]["score"])
             for r in rows
-            if r.get("val") and r["val"].get("mean_fg_dice") is not None
+            if r.get("val") and r["val"].get("score") is not None
         ]
         if steps:
             loss_ax.plot(*zip(*steps, strict=True), label=model)
@@ -137,7 +137,10 @@ def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
     if not drawn:
         return None
     loss_ax.set(title="training loss", xlabel="step")
-    val_ax.set(title="validation mean foreground Dice", xlabel="step")
+    val_ax.set(
+        title="validation score (Dice pooled over val cases, mean of classes present)",
+        xlabel="step",
+    )
     loss_ax.legend()
     return _png(fig)
 
@@ -261,11 +264,13 @@ def _context(evaluation: Evaluation) -> str:
         if evaluation.skipped
         else ""
     )
+    chosen = " ".join(f"{m}: {how}." for m, how in sorted(evaluation.selection.items()))
     return (
         f"Store `{evaluation.store}` (preprocessing config {evaluation.config_hash}). Cases per split: "
         f"{sizes}. Metrics are computed per case on each scan's native grid after mapping the "
         f"prediction back through the inverse of preprocessing; the loss (Dice + cross-entropy) "
-        f"on the stored grid. Liver is labels 1 and 2, tumour label 2.{skipped}"
+        f"on the stored grid. Liver is labels 1 and 2, tumour label 2. Empty ground truth: "
+        f"the {evaluation.empty_rule} rule (see Rules).{skipped} Checkpoints: {chosen}"
     )
 
 
@@ -314,7 +319,7 @@ def write_report(evaluation: Evaluation, runs_dir: Path, out_dir: Path) -> dict[
         "",
         "## Rules",
         "",
-        f"- Empty ground truth: {EMPTY_RULE}",
+        f"- Empty ground truth: {empty_rule_text(evaluation.empty_rule)}",
         f"- Lesion detection: {LESION_RULE}",
         "",
         "## Figures",
@@ -343,7 +348,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:10
 <h2>Seed-project table (mean over cases)</h2>{_seed_table_html(seed)}
 <h2>Per case</h2><p>Native-grid values; volume error = (predicted − true) / true liver volume.</p>
 <table class="cases"><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in CASE_HEAD)}</tr>{"".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in case_rows)}</table>
-<h2>Rules</h2><p class="empty-rule">{html.escape(EMPTY_RULE)}</p><p>{html.escape(LESION_RULE)}</p>
+<h2>Rules</h2><p class="empty-rule">{html.escape(empty_rule_text(evaluation.empty_rule))}</p><p>{html.escape(LESION_RULE)}</p>
 <h2>Figures</h2>{figures}</body></html>
 """
     (out_dir / "report.html").write_text(page)

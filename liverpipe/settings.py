@@ -22,6 +22,7 @@ from liverpipe.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "CheckConfig",
+    "EvaluateConfig",
     "IngestConfig",
     "PreprocessConfig",
     "Settings",
@@ -49,6 +50,17 @@ class CheckConfig(_Frozen):
         1e-3, gt=0, description="Largest allowed distance (mm) between image and label grids."
     )
     workers: int = Field(0, ge=0, description="Reader threads; 0 means one per CPU core.")
+    min_slices: int = Field(
+        3,
+        ge=1,
+        description="Fewer axial slices than this are refused (at least the 2.5D context). "
+        "A scan must also span at least one stored slice ([preprocess] target_spacing z).",
+    )
+    label_outside_crop: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="A labelled voxel outside the stored in-plane crop ([preprocess] "
+        "slice_size) would be lost from training: refuse the case, or store it with a warning.",
+    )
 
 
 class SynthConfig(_Frozen):
@@ -138,6 +150,12 @@ class AugmentConfig(_Frozen):
     intensity_shift: float = Field(0.1, ge=0, description="Random additive shift +/- this.")
     gamma: tuple[float, float] = Field((0.8, 1.25), description="Gamma range; (1, 1) turns it off.")
     noise_std: float = Field(0.03, ge=0, description="Gaussian noise std (normalised units).")
+    flip_axes: tuple[Literal["lr", "ap"], ...] = Field(
+        ("lr", "ap"),
+        description="Random mirroring: lr (left-right) and/or ap (front-back); () turns it "
+        "off. predict --tta averages exactly these flips.",
+    )
+    flip_probability: float = Field(0.5, ge=0, le=1, description="Chance of each flip.")
 
 
 class TrainConfig(_Frozen):
@@ -190,6 +208,17 @@ class IngestConfig(_Frozen):
     tta: bool = Field(False, description="Flip TTA when ingest predicts unlabelled scans.")
 
 
+class EvaluateConfig(_Frozen):
+    """How ``evaluate`` scores cases (``liverpipe evaluate``, the train-all report)."""
+
+    empty_rule: Literal["lits", "exclude"] = Field(
+        "lits",
+        description="Per-case Dice and Jaccard of a class absent from the ground truth: "
+        "lits scores 1 when nothing is predicted and 0 otherwise (the LiTS convention); "
+        "exclude leaves the case out of the class's means (undefined).",
+    )
+
+
 class Settings(_Frozen):
     """All configuration sections. Each section is its own frozen model."""
 
@@ -199,6 +228,7 @@ class Settings(_Frozen):
     store: StoreConfig = StoreConfig()
     train: TrainConfig = TrainConfig()
     ingest: IngestConfig = IngestConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def config_hash(self, section: str) -> str:
         """sha256 of one section's canonical JSON, for provenance records."""

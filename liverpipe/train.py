@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -27,7 +28,7 @@ import torch
 
 from liverpipe.augment import augment_batch
 from liverpipe.errors import LiverpipeError
-from liverpipe.metrics import case_dice
+from liverpipe.metrics import case_counts, case_dice, pooled_score
 from liverpipe.models import build_model
 from liverpipe.sampling import (
     ResidentSource,
@@ -48,6 +49,8 @@ __all__ = [
     "train",
     "validate",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: Train settings that may differ between a run and its resume.
 RUNTIME_FIELDS = frozenset(
@@ -139,27 +142,24 @@ def predict_volume(
 def validate(
     model: torch.nn.Module, store: SliceStore, case_ids: list[str], k: int, device: torch.device
 ) -> dict[str, Any]:
-    """Per-case 3D Dice (liver, tumour) on the stored grid, and their means."""
-    cases = {}
+    """Validation on the stored grid: Dice pooled over ``case_ids`` per class, and
+    ``score``, their mean over the classes present (:func:`~liverpipe.metrics.pooled_score`),
+    which picks ``best.pt``. Per-case Dice (NaN where a class is absent from both) is kept
+    for the record."""
+    cases, counts = {}, []
     for case_id in case_ids:
         image, label = store.case(case_id).load()
         scale, offset = decode_scale(store, case_id)
         pred = predict_volume(model, image.astype(np.float32) * scale + offset, k, device)
         cases[case_id] = case_dice(pred, label)
-    liver = [c["liver"] for c in cases.values()]
-    tumour = [c["tumour"] for c in cases.values()]
-    per_case = [_nanmean([c["liver"], c["tumour"]]) for c in cases.values()]
+        counts.append(case_counts(pred, label))
+    pooled = pooled_score(counts)
     return {
-        "liver_dice": _nanmean(liver),
-        "tumour_dice": _nanmean(tumour),
-        "mean_fg_dice": _nanmean(per_case),
+        "score": pooled["score"],
+        "liver_dice": pooled["liver"],
+        "tumour_dice": pooled["tumour"],
         "cases": cases,
     }
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 class _BatchStream:
@@ -364,6 +364,12 @@ def train(
             "preprocess more cases (splits are 70/15/15 by case)",
         )
     device = dist.device()
+    if not val_ids and dist.main:
+        _log.warning(
+            "%s: the store has no val cases, so no best checkpoint can be chosen: the run "
+            "keeps last.pt only. Fix: preprocess 3 or more cases (one goes to val).",
+            store_path,
+        )
     table = SliceTable.from_store(store, train_ids)
     run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
@@ -400,11 +406,24 @@ def train(
         )
     finally:
         stream.close()
+    best = run.best if run.best >= 0 else math.nan
     if dist.main:
         (run_dir / "result.json").write_text(
-            _json_line({"steps": run.step, "best_score": run.best, "last_loss": loss})
+            _json_line(
+                {
+                    "steps": run.step,
+                    "best_score": best,
+                    "last_loss": loss,
+                    "checkpoint": "best.pt" if val_ids else "last.pt",
+                    "selection": (
+                        f"best.pt: highest validation score over {len(val_ids)} val case(s)"
+                        if val_ids
+                        else "last.pt: the store has no val cases, so none could be chosen"
+                    ),
+                }
+            )
         )
-    return TrainResult(run_dir, run.step, run.best, loss)
+    return TrainResult(run_dir, run.step, best, loss)
 
 
 def _loop(
@@ -482,7 +501,8 @@ def _validate_and_save(
         if val_ids and dist.main
         else None
     )
-    score = metrics["mean_fg_dice"] if metrics else -loss
+    # Without val cases nothing can pick a best checkpoint: last.pt is the model.
+    score = metrics["score"] if metrics else math.nan
     improved = not math.isnan(score) and score > run.best
     if improved:
         run.best = score

@@ -1,4 +1,5 @@
-"""Validation of cases: header first, then data, then image/label agreement.
+"""Validation of cases: header first, then data, then image/label agreement, then what
+the stored grid would keep (thickness, in-plane field of view).
 
 Every problem becomes one sentence naming the file, what is wrong and the fix.
 ``check_case`` never raises for bad input: it returns a :class:`CaseReport`.
@@ -23,9 +24,28 @@ from liverpipe.errors import (
     LabelValueError,
     LiverpipeError,
 )
+from liverpipe.fov import (
+    FovReport,
+    check_grid_size,
+    check_thickness,
+    crop_window,
+    fov_findings,
+    label_columns,
+    needed_size,
+    widen_to_body,
+)
+from liverpipe.geometry import CanonicalGeometry
 from liverpipe.labels import Label
 from liverpipe.nifti import NiftiInfo, read_header, read_voxels
-from liverpipe.settings import CheckConfig
+from liverpipe.preprocess import (
+    BodyFootprint,
+    Grid,
+    body_footprint,
+    canonical_view,
+    fraction_outside,
+    stored_grid,
+)
+from liverpipe.settings import CheckConfig, PreprocessConfig
 
 __all__ = [
     "CaseReport",
@@ -50,9 +70,17 @@ class CaseReport:
     shape: tuple[int, int, int] | None = None
     spacing: tuple[float, float, float] | None = None
     axcodes: str | None = None
+    warnings: tuple[str, ...] = ()
+    fov: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"case_id": self.case_id, "ok": self.ok, "errors": list(self.errors)}
+        return {
+            "case_id": self.case_id,
+            "ok": self.ok,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "fov": self.fov,
+        }
 
 
 def check_image_values(path: Path, data: np.ndarray) -> None:
@@ -125,18 +153,36 @@ def check_affines_match(image: NiftiInfo, label: NiftiInfo, tolerance_mm: float)
         )
 
 
-def check_case(case: CaseFiles, limits: CheckConfig | None = None) -> CaseReport:
-    """Validate one case: headers, then voxel data, then image/label agreement."""
+def check_case(
+    case: CaseFiles,
+    limits: CheckConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+) -> CaseReport:
+    """Validate one case as preprocessing would: headers, voxel data, image/label
+    agreement, thickness and the stored crop's field of view (``preprocess`` gives the
+    stored grid; defaults apply when it is None)."""
     limits = limits or CheckConfig()
+    preprocess = preprocess or PreprocessConfig()
     errors = list(case.problems)
     image = _guard(errors, read_header, case.image, limits) if case.image else None
     label = _guard(errors, read_header, case.label, limits) if case.label else None
+    coverage = None
     if image is not None:
-        _guard(errors, lambda i: check_image_values(i.path, read_voxels(i)), image)
+        coverage = _guard(errors, _image_coverage, image, preprocess, limits)
+    label_columns_ = None
     if label is not None:
-        _guard(errors, lambda i: check_label_values(i.path, read_voxels(i)), label)
+        label_columns_ = _guard(errors, _label_columns, label, coverage)
     if image is not None and label is not None:
         _guard(errors, check_affines_match, image, label, limits.affine_tolerance_mm)
+    warnings = [*(image.warnings if image else ()), *(label.warnings if label else ())]
+    fov = None
+    if coverage is not None and image is not None:
+        body, geometry, grid = coverage
+        window = crop_window(geometry, grid)
+        outside = None if label_columns_ is None else fraction_outside(label_columns_, window)
+        fov = FovReport(body.fraction_outside(window), outside, needed_size(body, geometry, grid))
+        found = _guard(errors, fov_findings, image.path, fov, preprocess, limits)
+        warnings += found or []
     return CaseReport(
         case.case_id,
         not errors,
@@ -144,15 +190,48 @@ def check_case(case: CaseFiles, limits: CheckConfig | None = None) -> CaseReport
         image.shape if image else None,
         image.spacing if image else None,
         "".join(image.axcodes) if image else None,
+        tuple(dict.fromkeys(warnings)),
+        fov.to_json() if fov else None,
     )
 
 
-def check_dataset(index: DatasetIndex, limits: CheckConfig | None = None) -> Iterator[CaseReport]:
+def _image_coverage(
+    image: NiftiInfo, preprocess: PreprocessConfig, limits: CheckConfig
+) -> tuple[BodyFootprint, CanonicalGeometry, Grid]:
+    """Read and check the voxels; the body footprint and the stored grid of the scan."""
+    data = read_voxels(image)
+    check_image_values(image.path, data)
+    geometry = CanonicalGeometry.of(image.shape, image.affine)
+    check_thickness(image, geometry, preprocess, limits)
+    body = body_footprint(canonical_view(data, geometry), preprocess.body_threshold_hu)
+    grid = stored_grid(geometry, body.centre, preprocess)
+    check_grid_size(image.path, grid, limits)
+    if body.fraction_outside(crop_window(geometry, grid)) > 0:  # prediction widens the grid
+        check_grid_size(image.path, widen_to_body(geometry, grid, body)[0], limits)
+    return body, geometry, grid
+
+
+def _label_columns(
+    label: NiftiInfo, coverage: tuple[BodyFootprint, CanonicalGeometry, Grid] | None
+) -> np.ndarray | None:
+    """Check the label values; its per-column counts on the image's canonical grid."""
+    data = read_voxels(label)
+    check_label_values(label.path, data)
+    if coverage is None or data.shape != coverage[1].original_shape:
+        return None
+    return label_columns(canonical_view(data, coverage[1]))
+
+
+def check_dataset(
+    index: DatasetIndex,
+    limits: CheckConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+) -> Iterator[CaseReport]:
     """Check every case with a thread pool (decompression releases the GIL); yields in order."""
     limits = limits or CheckConfig()
     workers = limits.workers or available_cpus()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(lambda c: check_case(c, limits), index.cases)
+        yield from pool.map(lambda c: check_case(c, limits, preprocess), index.cases)
 
 
 def _guard(errors: list[str], step: Callable[..., T], *args: Any) -> T | None:

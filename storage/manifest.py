@@ -41,6 +41,9 @@ class ManifestEntry:
     error: str | None = None
     source_missing: bool = False
     shape: tuple[int, int, int] | None = None
+    warnings: tuple[str, ...] = ()
+    #: A failure of the input itself: not retried until the source hash or config changes.
+    permanent: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,7 +51,8 @@ class ManifestEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ManifestEntry:
         shape = data.get("shape")
-        return cls(**{**data, "shape": tuple(shape) if shape else None})
+        warnings = tuple(data.get("warnings", ()))
+        return cls(**{**data, "shape": tuple(shape) if shape else None, "warnings": warnings})
 
 
 class Manifest:

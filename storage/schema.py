@@ -66,6 +66,10 @@ class CaseMeta:
     intensity: Intensity
     source_image: str
     source_label: str | None = None
+    #: Which header transform gave ``original_affine``: "sform", "qform" or "pixdim" (a guess).
+    affine_source: str = "sform"
+    #: In-plane coverage of the crop: body_outside, label_outside, needed_slice_size.
+    fov: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +93,8 @@ class CaseMeta:
                 intensity=Intensity(**data["intensity"]),
                 source_image=str(data["source_image"]),
                 source_label=data.get("source_label"),
+                affine_source=str(data.get("affine_source", "sform")),
+                fov=dict(data.get("fov", {})),
                 extra=dict(data.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as err:

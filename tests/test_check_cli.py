@@ -111,3 +111,36 @@ def test_copy_of_dataset_is_independent(phantom_dir: Path, tmp_path: Path) -> No
     result = runner.invoke(app, ["check", str(copy), "--json"])
     assert result.exit_code == 1
     assert sum(not r["ok"] for r in json.loads(result.stdout)) == 1
+
+
+def test_a_folder_of_unreadable_files_gets_one_json_row_each(tmp_path: Path) -> None:
+    """scl_inter NaN, zero bytes, a PNG and a single slice: each named, no traceback."""
+    import nibabel as nib
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    image = nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4))
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, float("nan")
+    nib.save(image, folder / "nan_inter.nii.gz")
+    (folder / "empty.nii.gz").write_bytes(b"")
+    (folder / "picture.nii.gz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(400))
+    write_nifti(folder / "one_slice.nii.gz", np.full((40, 40, 1), 50, np.int16))
+    write_nifti(folder / "fine.nii.gz", np.full((40, 40, 12), 50, np.int16))
+    (folder / "notes.txt").write_text("side files are not scans")
+    result = runner.invoke(app, ["check", str(folder), "--json"])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    rows = {r["case_id"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"nan_inter", "empty", "picture", "one_slice", "fine"}
+    expected = {
+        "nan_inter": "invalid intercept nan",
+        "empty": "empty (0 bytes)",
+        "picture": "a PNG image",
+        "one_slice": "1 axial slice(s)",
+    }
+    for case_id, problem in expected.items():
+        (error,) = rows[case_id]["errors"]
+        assert problem in error and "Fix:" in error and str(folder / case_id) in error
+    assert rows["fine"]["ok"] and rows["fine"]["errors"] == []
+    single = runner.invoke(app, ["check", str(folder / "picture.nii.gz"), "--json"])
+    assert single.exit_code == 1 and "a PNG image" in single.stdout

@@ -69,7 +69,7 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     table = metrics["seed_table"]
     assert table["columns"] == ["deeplabv3plus", "manet", "unetplusplus", "ensemble"]
     labels = [r["metric"] for r in table["rows"] if r["split"] == "train"]
-    assert labels[:3] == ["Loss", "Pixel Accuracy", "Jaccard (liver)"]
+    assert labels[:4] == ["Loss", "Pixel Accuracy", "Balanced Accuracy", "Jaccard (liver)"]
     assert {"Dice (tumour)", "HD95 mm (liver)", "Recall (liver)", "Precision (tumour)"} <= set(
         labels
     )
@@ -79,7 +79,7 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
             cell = parser.cells[(model, row["split"], row["key"])]
             assert cell == ("–" if value is None else f"{value:.4f}"), (model, row)
             checked += 1
-    assert checked == len(table["rows"]) * 4 >= 12 * 2 * 4
+    assert checked == len(table["rows"]) * 4 >= 13 * 2 * 4
     # the table's numbers are the aggregates' means
     for row in table["rows"]:
         for model, value in row["values"].items():
@@ -95,7 +95,9 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     ]
     assert len(pngs) == len(parser.images) >= 3 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     html = (report / "report.html").read_text()
-    assert "absent from both the ground truth and the prediction" in html  # the empty rule
+    assert "[lits] LiTS convention" in html  # the empty rule in force is printed
+    assert metrics["empty_rule_name"] == "lits"
+    assert set(metrics["checkpoint_selection"]) == set(MODELS) - {"ensemble"}
     markdown = (report / "report.md").read_text()
     splits = {r["split"] for r in table["rows"]}
     assert markdown.count(" | Dice (liver) | ") == len(splits)
@@ -157,7 +159,8 @@ def test_runs_of_another_store_config_are_refused(
 
 
 def test_docs_state_the_rules_the_code_applies() -> None:
-    from liverpipe.metrics import EMPTY_RULE, LESION_RULE
+    from liverpipe.metrics import LESION_RULE, empty_rule_text
 
     text = (REPO / "docs" / "evaluation.md").read_text()
-    assert EMPTY_RULE in text and LESION_RULE in text
+    assert empty_rule_text("lits") in text and empty_rule_text("exclude") in text
+    assert LESION_RULE in text

@@ -15,24 +15,29 @@ import numpy as np
 import pytest
 from conftest import REPO, free_port
 
+from liverpipe.errors import LiverpipeError
 from storage import SliceStore
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 TINY = REPO / "configs" / "tiny.toml"
 
 
-def _copy_case(phantom_dir: Path, index: int, inbox: Path, labelled: bool = True) -> str:
+def _copy_case(
+    phantom_dir: Path, index: int, inbox: Path, labelled: bool = True, name: str | None = None
+) -> str:
     image = sorted((phantom_dir / "imagesTr").iterdir())[index]
     label = phantom_dir / "labelsTr" / image.name
+    case_id, _, suffix = image.name.partition(".")
+    target = f"{name or case_id}.{suffix}"
     if labelled:
         (inbox / "imagesTr").mkdir(parents=True, exist_ok=True)
         (inbox / "labelsTr").mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, inbox / "imagesTr" / image.name)
-        shutil.copy(label, inbox / "labelsTr" / image.name)
+        shutil.copy(image, inbox / "imagesTr" / target)
+        shutil.copy(label, inbox / "labelsTr" / target)
     else:
         (inbox / "imagesTs").mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, inbox / "imagesTs" / image.name)
-    return image.name.split(".")[0]
+        shutil.copy(image, inbox / "imagesTs" / target)
+    return name or case_id
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -101,6 +106,20 @@ def test_ingest_processes_only_new_scans_predicts_and_retrains(
     assert sorted(json.loads((runs / STATE).read_text())["trained_on"]) == sorted([*first, new])
     assert (tmp_path / "report" / "report.html").is_file()
     assert _digests(inbox) == before  # inbox files are never rewritten
+
+    # A scan nibabel refuses arrives: it is recorded, the others go on, the run fails
+    # naming it, and the same bytes are not retried at the next tick.
+    broken = nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4))
+    broken.header["scl_slope"], broken.header["scl_inter"] = 1.0, float("nan")
+    nib.save(broken, inbox / "imagesTs" / "aa_broken.nii.gz")
+    late = _copy_case(phantom_dir, 0, inbox, labelled=False, name="zz_late")
+    with pytest.raises(LiverpipeError, match="1 scan\\(s\\) failed in this tick: aa_broken"):
+        ingest(**params)
+    ledger = json.loads((outputs / "ledger.json").read_text())
+    assert "invalid intercept nan" in ledger["aa_broken"]["error"]
+    assert (outputs / f"{late}.nii.gz").is_file()
+    calm = ingest(**params)  # unchanged broken bytes: recorded once, not retried
+    assert calm["predict"]["predicted"] == [] and calm["predict"]["failed"] == {}
 
 
 def test_served_deployment_runs_from_the_prefect_cli(phantom_dir: Path, tmp_path: Path) -> None:

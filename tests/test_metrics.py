@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
 from liverpipe.metrics import (
+    LesionCounts,
+    case_counts,
     case_metrics,
     lesion_detection,
     overlap,
+    pooled_score,
     surface_distances,
 )
 
@@ -82,9 +87,14 @@ def test_identical_masks_score_perfectly() -> None:
 def test_empty_ground_truth_rule() -> None:
     empty, some = np.zeros((5, 6, 7), bool), np.zeros((5, 6, 7), bool)
     some[1:3, 2:4, 2:5] = True
-    both = overlap(empty, empty) | surface_distances(empty, empty, (1, 1, 1))
+    both = overlap(empty, empty, "exclude") | surface_distances(empty, empty, (1, 1, 1))
     assert all(math.isnan(both[k]) for k in ("dice", "jaccard", "precision", "recall", "hd95"))
     assert both["accuracy"] == 1.0
+    # The LiTS convention (the default): nothing to find and nothing found scores 1.
+    lits = overlap(empty, empty)
+    assert lits["dice"] == lits["jaccard"] == 1.0
+    assert math.isnan(lits["precision"]) and math.isnan(lits["recall"])
+    assert overlap(some, empty)["dice"] == 0.0  # false positives on a tumour-free case
     false_positive = overlap(some, empty) | surface_distances(some, empty, (1, 1, 1))
     assert false_positive["dice"] == false_positive["precision"] == 0.0
     assert math.isnan(false_positive["rvd"]) and math.isnan(false_positive["hd95"])
@@ -149,3 +159,56 @@ def test_case_metrics_reports_both_classes_and_volumes() -> None:
     assert classes["tumour"]["volume_pred_ml"] == 0.0
     assert result["pixel_accuracy"] == pytest.approx(1 - 18 / truth.size)
     assert result["lesions"]["true_lesions"] == 1 and result["lesions"]["detected"] == 0
+
+
+def test_lesion_f1_is_zero_when_lesions_are_missed_or_invented() -> None:
+    assert LesionCounts(3, 0, 0, 0).f1 == 0.0  # lesions exist, none predicted
+    assert LesionCounts(0, 0, 2, 0).f1 == 0.0  # none exist, two predicted
+    assert math.isnan(LesionCounts(0, 0, 0, 0).f1)  # nothing to find, nothing found
+    assert LesionCounts(2, 1, 1, 1).f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    truth = np.zeros((8, 8, 8), bool)
+    truth[2:5, 2:5, 2:5] = True
+    assert lesion_detection(np.zeros((8, 8, 8), bool), truth).f1 == 0.0
+
+
+def test_case_metrics_follow_the_chosen_empty_rule() -> None:
+    truth = np.zeros((10, 12, 12), np.uint8)
+    truth[2:8, 2:10, 2:10] = 1  # liver, no tumour
+    lits = case_metrics(truth, truth, (1, 1, 1))
+    exclude = case_metrics(truth, truth, (1, 1, 1), "exclude")
+    assert lits["classes"]["tumour"]["dice"] == 1.0
+    assert math.isnan(exclude["classes"]["tumour"]["dice"])
+    spurious = truth.copy()
+    spurious[5, 5, 5] = 2
+    assert case_metrics(spurious, truth, (1, 1, 1))["classes"]["tumour"]["dice"] == 0.0
+
+
+def test_balanced_accuracy_is_not_fooled_by_background(real_ct: tuple[Path, Path]) -> None:
+    """On the real CT, predicting background everywhere is 0.90 accurate but 0.5 balanced."""
+    truth = np.asarray(nib.load(real_ct[1]).dataobj).astype(np.uint8)
+    nothing = np.zeros_like(truth)
+    row = case_metrics(nothing, truth, (3.0, 3.0, 3.0))
+    assert row["pixel_accuracy"] == pytest.approx(0.90, abs=0.01)
+    assert row["balanced_accuracy"] == pytest.approx(0.5)
+    assert case_metrics(truth, truth, (3.0, 3.0, 3.0))["balanced_accuracy"] == 1.0
+
+
+def test_pooled_validation_score_does_not_halve_for_one_false_positive_voxel() -> None:
+    """Two val cases, one tumour-free: a single spurious tumour voxel on it barely moves the
+    pooled score, where the old per-case mean fell from about 0.9 to about 0.45."""
+    with_tumour = np.zeros((10, 20, 20), np.uint8)
+    with_tumour[2:8, 4:16, 4:16] = 1
+    with_tumour[4:6, 8:12, 8:12] = 2
+    free = np.zeros((10, 20, 20), np.uint8)
+    free[2:8, 4:16, 4:16] = 1
+    spurious = free.copy()
+    spurious[5, 10, 10] = 2
+    clean = pooled_score([case_counts(with_tumour, with_tumour), case_counts(free, free)])
+    noisy = pooled_score([case_counts(with_tumour, with_tumour), case_counts(spurious, free)])
+    assert clean["score"] == 1.0
+    assert noisy["score"] > 0.98 and noisy["tumour"] > 0.97
+    # Tumour absent from every case: the score is liver alone, never NaN.
+    only_free = pooled_score([case_counts(spurious, free)])
+    assert only_free["score"] == pytest.approx(only_free["liver"]) and not math.isnan(
+        only_free["score"]
+    )

@@ -139,12 +139,19 @@ def test_misnamed_plain_file_and_garbage(tmp_path: Path) -> None:
     plain = write_nifti(tmp_path / "p.nii", VOLUME)
     fake_gz = tmp_path / "p2.nii.gz"
     fake_gz.write_bytes(plain.read_bytes())
-    with pytest.raises(InvalidScanError, match=r"not gzip-compressed.*rename it to \.nii"):
+    with pytest.raises(
+        InvalidScanError,
+        match=r"plain \(uncompressed\) NIfTI-1 but its name ends in \.gz.*rename it to \.nii",
+    ):
         read_header(fake_gz)
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
-    with pytest.raises(InvalidScanError, match="cannot be read as NIfTI"):
+    with pytest.raises(InvalidScanError, match="gzip stream whose content is not NIfTI"):
         read_header(junk)
+    gz_named_plain = tmp_path / "g.nii"
+    gz_named_plain.write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(InvalidScanError, match=r"gzip-compressed NIfTI-1.*rename it to \.nii\.gz"):
+        read_header(gz_named_plain)
     with pytest.raises(InvalidScanError, match="does not exist"):
         read_header(tmp_path / "missing.nii")
 
@@ -194,3 +201,51 @@ def test_image_label_grids_must_agree(tmp_path: Path) -> None:
     small = read_header(write_nifti(tmp_path / "s.nii", np.zeros((7, 6, 4), np.uint8), affine))
     with pytest.raises(GeometryMismatchError, match=r"label shape \(7, 6, 4\) differs"):
         check_affines_match(image, small, 1e-3)
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+DICOM = bytes(128) + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(600)
+CASES = {
+    "empty": (b"", "empty (0 bytes)", "holds no data"),
+    "png": (PNG, "a PNG image", "export the CT volume"),
+    "jpeg": (b"\xff\xd8\xff\xe0" + bytes(500), "a JPEG image", "export the CT volume"),
+    "dicom": (DICOM, "a DICOM file", "dcm2niix"),
+    "zip": (b"PK\x03\x04" + bytes(500), "a ZIP archive", "unzip it"),
+    "lfs": (
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n",
+        "Git LFS pointer",
+        "git lfs pull",
+    ),
+    "html": (b"<!DOCTYPE html><html>not found</html>", "HTML page", "download"),
+    "gzip-png": (gzip.compress(PNG), "gzip stream whose content is not NIfTI but a PNG", "export"),
+    "gzip-cut": (gzip.compress(bytes(1000))[:12], "cannot be decompressed", "gzip -t"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_files_that_are_not_nifti_are_named_by_content(
+    tmp_path: Path, kind: str, suffix: str
+) -> None:
+    """A file gets the diagnosis of what it is, never a rename that cannot help."""
+    content, problem, fix = CASES[kind]
+    path = tmp_path / f"scan{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(InvalidScanError) as err:
+        read_header(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and problem in message and fix in message
+    assert "rename" not in message
+
+
+def test_header_that_nibabel_refuses_is_an_invalid_scan(tmp_path: Path) -> None:
+    """scl_slope = 1 with scl_inter = NaN: nibabel raises HeaderDataError on load."""
+    image = nib.Nifti1Image(VOLUME, np.eye(4))
+    image.header["scl_slope"] = 1.0
+    image.header["scl_inter"] = np.nan
+    path = tmp_path / "nan_inter.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(
+        InvalidScanError, match=r"invalid intercept nan.*Fix: set scl_slope/scl_inter"
+    ):
+        read_header(path)

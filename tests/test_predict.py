@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -108,40 +109,51 @@ def _boundary_band(label: np.ndarray, reach: tuple[int, int, int]) -> np.ndarray
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     codes=st.sampled_from(["RAS", "LPS", "LAI", "PIR", "SPL", "IRA"]),
     spacing=st.tuples(
         st.sampled_from([0.7, 1.0, 1.6]),
         st.sampled_from([0.7, 1.0, 1.6]),
-        st.sampled_from([1.0, 2.5, 4.0]),
+        st.sampled_from([0.625, 1.0, 1.25, 2.5, 4.0]),
     ),
     target=st.sampled_from([(1.0, 1.0, 2.5), (2.0, 2.0, 2.0), (1.5, 1.5, 5.0)]),
+    slices=st.integers(12, 40),
     seed=st.integers(0, 2**16),
 )
 # Found by Hypothesis: the last native slice lay half a stored slice past the stored grid.
-@example(codes="RAS", spacing=(0.7, 0.7, 1.0), target=(1.0, 1.0, 2.5), seed=1666)
+@example(codes="RAS", spacing=(0.7, 0.7, 1.0), target=(1.0, 1.0, 2.5), slices=18, seed=1666)
+# Issue 10: the last stored slice's centre on the scan's outer face (1.25 mm, n = 3 mod 4;
+# 0.625 mm, n = 6 mod 8), where SimpleITK sampled background.
+@example(codes="RAS", spacing=(1.0, 1.0, 1.25), target=(1.0, 1.0, 2.5), slices=27, seed=1)
+@example(codes="LPS", spacing=(1.0, 1.0, 1.25), target=(1.0, 1.0, 2.5), slices=31, seed=2)
+@example(codes="PIR", spacing=(0.7, 1.0, 0.625), target=(1.0, 1.0, 2.5), slices=30, seed=3)
+@example(codes="IRA", spacing=(1.6, 0.7, 0.625), target=(1.0, 1.0, 2.5), slices=38, seed=4)
 def test_oracle_round_trip_keeps_labels_within_half_a_voxel(
     tmp_path: Path,
     codes: str,
     spacing: tuple[float, float, float],
     target: tuple[float, float, float],
+    slices: int,
     seed: int,
 ) -> None:
-    """Forward (the store's label path) then back, with the store's labels as the "model"."""
+    """Forward (the store's label path) then back, with the store's labels as the "model".
+
+    The organ runs through both end slices of the scan (along its z axis, the one that
+    becomes stored slices for RAS-like codes), where a stored grid that reaches past the
+    scan used to lose it."""
     rng = np.random.default_rng(seed)
-    shape = (36, 40, 18)
+    shape = (36, 40, slices)
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    centre = np.array(shape) / 2 + rng.uniform(-3, 3, 3)
-    radii = np.array([12.0, 14.0, 6.0]) * rng.uniform(0.8, 1.1, 3)
-    r = (
-        ((zz - centre[0]) / radii[0]) ** 2
-        + ((yy - centre[1]) / radii[1]) ** 2
-        + ((xx - centre[2]) / radii[2]) ** 2
-    )
+    centre = np.array(shape[:2]) / 2 + rng.uniform(-3, 3, 2)
+    radii = np.array([12.0, 14.0]) * rng.uniform(0.8, 1.1, 2)
+    # A cylinder along the third axis: it fills every slice, the first and last included.
+    r = ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+    r = r + 0.0 * xx
     label = np.where(r < 1, 1, 0).astype(np.uint8)
     label[r < 0.25] = 2
+    assert label[..., 0].any() and label[..., -1].any()
     image = np.where(label > 0, 60, -100).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
     ras_image = write_nifti(tmp_path / "ras.nii.gz", image, affine)
@@ -168,6 +180,15 @@ def test_oracle_round_trip_keeps_labels_within_half_a_voxel(
     wrong = back != truth
     assert not (wrong & ~_boundary_band(truth, reach)).any()  # errors only at borders
     assert wrong.sum() < 0.5 * (truth > 0).sum()
+    # The scan's end slices keep their labels (away from the in-plane border).
+    z_axis = int(np.flatnonzero(file_target == 2)[0])  # the file axis along S-I
+    in_plane = tuple(0 if a == z_axis else r for a, r in enumerate(reach))
+    ends = truth.copy()
+    ends[_boundary_band(truth, in_plane)] = 0
+    for k in (0, -1):
+        file_slice, back_slice = np.take(ends, k, axis=z_axis), np.take(back, k, axis=z_axis)
+        inner = file_slice > 0
+        assert inner.any() and (back_slice[inner] == file_slice[inner]).all()
 
 
 def test_folder_prediction_goes_on_past_a_bad_scan(
@@ -188,6 +209,53 @@ def test_folder_prediction_goes_on_past_a_bad_scan(
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["mask"].endswith(
             f"{name}.nii.gz"
         )
+
+
+def test_predict_cli_writes_the_good_mask_and_names_the_broken_scan(
+    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    """A scan nibabel refuses (scl_inter NaN) sorts first; the good one after it is
+    predicted, and the command exits non-zero naming the broken one."""
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    broken = nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4))
+    broken.header["scl_slope"], broken.header["scl_inter"] = 1.0, float("nan")
+    nib.save(broken, inbox / "a_broken.nii.gz")
+    good = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    (inbox / f"b_good{''.join(good.suffixes)}").write_bytes(good.read_bytes())
+    result = CliRunner().invoke(
+        app, ["predict", str(inbox), "-o", str(tmp_path / "out"), "-m", str(tiny_runs / "manet")]
+    )
+    assert result.exit_code == 1
+    assert "a_broken.nii.gz" in result.output and "invalid intercept nan" in result.output
+    assert nib.load(tmp_path / "out" / "b_good.nii.gz").shape == nib.load(good).shape
+    assert not (tmp_path / "out" / "a_broken.nii.gz").exists()
+
+
+def test_tta_averages_the_flips_the_model_trained_with(tiny_runs: Path) -> None:
+    run = load_run(tiny_runs / "manet")
+    assert run.train.augment.flip_axes == ("lr", "ap")
+    assert sorted(Predictor([run], tta=True).tta_flips) == [(), (2,), (2, 3), (3,)]
+    assert Predictor([run]).tta_flips == [()]
+    unflipped = replace(
+        run,
+        train=run.train.model_copy(
+            update={"augment": run.train.augment.model_copy(update={"flip_axes": ("lr",)})}
+        ),
+    )
+    assert Predictor([unflipped], tta=True).tta_flips == [(), (3,)]
+    none = replace(
+        run,
+        train=run.train.model_copy(
+            update={"augment": run.train.augment.model_copy(update={"flip_axes": ()})}
+        ),
+    )
+    with pytest.raises(LiverpipeError, match="flips the model trained with"):
+        Predictor([none], tta=True)
 
 
 def test_ensemble_tta_and_post_processing_switches(

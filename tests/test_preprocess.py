@@ -13,7 +13,7 @@ from conftest import REPO, write_nifti
 
 from liverpipe.geometry import world_of_indices
 from liverpipe.nifti import read_header, read_voxels
-from liverpipe.pipeline import assign_split, preprocess_dataset, serial_runner
+from liverpipe.pipeline import assign_split, assign_splits, preprocess_dataset, serial_runner
 from liverpipe.settings import Settings, load_settings
 from storage import SliceStore
 
@@ -222,6 +222,51 @@ def test_split_is_deterministic_and_near_the_fractions() -> None:
     assert splits == [assign_split(c, (0.7, 0.15, 0.15), "liverpipe") for c in ids]
     share = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
     assert abs(share["train"] - 0.7) < 0.03 and abs(share["val"] - 0.15) < 0.03
+
+
+def _all_train_ids(count: int, fractions: tuple[float, float, float]) -> list[str]:
+    """Case ids whose hash split is train, so only the guarantee can fill val and test."""
+    ids = (f"case_{i}" for i in range(10_000))
+    return [c for c in ids if assign_split(c, fractions, "liverpipe") == "train"][:count]
+
+
+def test_three_or_more_cases_always_have_a_val_and_a_test_case() -> None:
+    fractions = (0.7, 0.15, 0.15)
+    ids = _all_train_ids(3, fractions)
+    splits = assign_splits(ids, {}, fractions, "liverpipe")
+    assert sorted(splits.values()) == ["test", "train", "val"]
+    assert assign_splits(ids[:2], {}, fractions, "liverpipe") == dict.fromkeys(ids[:2], "train")
+    # Existing cases never move: new ones fill the empty splits, one at a time.
+    existing = dict.fromkeys(_all_train_ids(5, fractions), "train")
+    more = [c for c in _all_train_ids(8, fractions) if c not in existing]
+    first = assign_splits(more[:1], existing, fractions, "liverpipe")
+    assert first == {more[0]: "val"}
+    second = assign_splits(more[1:2], {**existing, **first}, fractions, "liverpipe")
+    assert second == {more[1]: "test"}
+    third = assign_splits(more[2:3], {**existing, **first, **second}, fractions, "liverpipe")
+    assert third == {more[2]: "train"}  # both filled: the hash decides again
+    # A zero fraction is respected.
+    no_test = assign_splits(ids, {}, (0.8, 0.2, 0.0), "liverpipe")
+    assert sorted(no_test.values()) == ["train", "train", "val"]
+
+
+def test_splits_are_kept_when_cases_arrive(tmp_path: Path, phantom_dir: Path) -> None:
+    """The store's 4 phantoms keep their splits when 2 more arrive, and the guarantee holds."""
+    settings = load_settings(REPO / "configs" / "tiny.toml")
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    (data / "dataset.json").unlink()
+    store_path = tmp_path / "s.zarr"
+    preprocess_dataset(data, store_path, settings, serial_runner)
+    before = {e.case_id: e.split for e in SliceStore.open(store_path).manifest.entries.values()}
+    assert {"train", "val", "test"} <= set(before.values())
+    for name in sorted((data / "imagesTr").iterdir())[:2]:
+        for folder in ("imagesTr", "labelsTr"):
+            src = data / folder / name.name
+            shutil.copy(src, data / folder / f"new_{name.name}")
+    preprocess_dataset(data, store_path, settings, serial_runner)
+    after = {e.case_id: e.split for e in SliceStore.open(store_path).manifest.entries.values()}
+    assert len(after) == 6 and all(after[c] == s for c, s in before.items())
 
 
 def test_label_resampling_in_the_bounding_box_equals_the_full_grid(phantom_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +81,90 @@ def test_augmentation_is_deterministic_and_keeps_image_and_label_aligned() -> No
         intensity_shift=0,
         gamma=(1.0, 1.0),
         noise_std=0,
+        flip_axes=(),
     )
     same = augment_batch(images, labels, off, torch.Generator().manual_seed(0))
     assert torch.equal(same[0], images) and torch.equal(same[1], labels)
+
+
+def test_flips_mirror_image_and_label_together_on_the_configured_axes() -> None:
+    """Left-right and front-back mirroring, each in about half the batch, on by default."""
+    n = 400
+    labels = torch.zeros(n, 16, 16, dtype=torch.long)
+    labels[:, 2:6, 1:4] = 1  # off-centre in both axes, so every flip is visible
+    images = labels[:, None].float().repeat(1, 3, 1, 1)
+    assert AugmentConfig().flip_axes == ("lr", "ap")
+    only_flips = AugmentConfig(
+        rotate_deg=0,
+        scale=(1.0, 1.0),
+        intensity_scale=0,
+        intensity_shift=0,
+        gamma=(1.0, 1.0),
+        noise_std=0,
+    )
+    out_images, out_labels = augment_batch(
+        images, labels, only_flips, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(out_images[:, 0].long(), out_labels)  # image and label move together
+    seen = {}
+    for name, flipped in {
+        "none": labels,
+        "lr": labels.flip(2),
+        "ap": labels.flip(1),
+        "both": labels.flip(1).flip(2),
+    }.items():
+        seen[name] = int((out_labels == flipped).all(dim=(1, 2)).sum())
+    assert sum(seen.values()) == n
+    assert all(60 < count < 140 for count in seen.values()), seen  # about n / 4 each
+    lr_only = only_flips.model_copy(update={"flip_axes": ("lr",)})
+    _, lr_labels = augment_batch(images, labels, lr_only, torch.Generator().manual_seed(3))
+    assert not (lr_labels == labels.flip(1)).all(dim=(1, 2)).any()  # never front-back
+
+
+def test_without_val_cases_last_checkpoint_is_the_model(tiny_store: Path, tmp_path: Path) -> None:
+    """No val case: nothing can choose best.pt; the run says so and keeps last.pt."""
+    from liverpipe.pipeline import preprocess_dataset, serial_runner
+
+    settings = load_settings(
+        TINY,
+        {"preprocess": {"split_fractions": (1.0, 0.0, 0.0)}, "train": {"steps": 4, "val_every": 2}},
+    )
+    store = tmp_path / "train_only.zarr"
+    source = Path(
+        SliceStore.open(tiny_store).case(SliceStore.open(tiny_store).cases()[0]).meta.source_image
+    ).parents[1]
+    preprocess_dataset(source, store, settings, serial_runner)
+    assert SliceStore.open(store).cases("val") == []
+    result = train(store, tmp_path / "run", settings)
+    assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").exists()
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["checkpoint"] == "last.pt" and "no val cases" in record["selection"]
+    assert math.isnan(result.best_score)
+
+
+def test_validation_score_is_pooled_over_the_val_cases(tiny_store: Path) -> None:
+    from liverpipe.metrics import case_counts, pooled_score
+    from liverpipe.models import build_model
+    from liverpipe.train import predict_volume, validate
+
+    store = SliceStore.open(tiny_store)
+    model = build_model("deeplabv3plus", "resnet18", 3, 3)
+    ids = store.cases()
+    scores = validate(model, store, ids, 3, torch.device("cpu"))
+    counts = []
+    for case_id in ids:
+        image, label = store.case(case_id).load()
+        t = store.case(case_id).meta.intensity
+        pred = predict_volume(
+            model,
+            image.astype(np.float32) * t.stored_scale + t.stored_offset,
+            3,
+            torch.device("cpu"),
+        )
+        counts.append(case_counts(pred, label))
+    expected = pooled_score(counts)
+    assert scores["score"] == expected["score"] and scores["tumour_dice"] == expected["tumour"]
+    assert set(scores["cases"]) == set(ids)
 
 
 @pytest.mark.parametrize("model", ["unetplusplus", "manet", "deeplabv3plus"])

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 DEMO_DIR ?= demo
-DEMO_CASES ?= 10
+DEMO_CASES ?= 36
 DEMO_CONFIG ?= auto
 PYTEST_ARGS ?=
 PREFECT_PORT ?= 4200
@@ -46,7 +46,7 @@ demo: $(STAMP)
 	@set -e; data="$(DATA)"; \
 	if [ -z "$$data" ]; then \
 	  data=$(DEMO_DIR)/phantoms; \
-	  $(VENV)/bin/liverpipe synth $$data --cases $(DEMO_CASES) --seed 0 --workers 2 --preview; \
+	  $(VENV)/bin/liverpipe synth $$data --cases $(DEMO_CASES) --seed 0 --size full --workers 2 --preview; \
 	fi; \
 	data=$$(realpath "$$data"); out=$$(realpath -m $(DEMO_DIR)); config="$(DEMO_CONFIG)"; \
 	if [ "$$config" = auto ]; then \

@@ -27,15 +27,9 @@ from liverpipe._system import available_cpus
 from liverpipe.models import MODELS
 from liverpipe.pipeline import preprocess_dataset, serial_runner
 from liverpipe.settings import Settings, load_settings
+from liverpipe.stages import make_source, stage_table
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train import (
-    _BatchStream,
-    _build,
-    _Dist,
-    _one_step,
-    _source,
-    train,
-)
+from liverpipe.train import _BatchStream, _build, _Dist, _one_step, train
 from storage import SliceStore
 
 
@@ -89,14 +83,12 @@ def _paired(store_path: Path, settings: Settings, steps: int) -> tuple[float, fl
     cfg, dist = settings.train, _Dist()
     device = dist.device()
     store = SliceStore.open(store_path)
-    from liverpipe.sampling import SliceTable
 
-    table = SliceTable.from_store(store, store.cases("train"))
+    table, prepared = stage_table(store, store.cases("train"), cfg, device)
     run = _build(cfg, table, device, dist)
     losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
-    stream = _BatchStream(
-        run.sampler, _source(cfg, store, table, device), cfg.batch_size, cfg.prefetch
-    )
+    source = make_source(cfg, store, table, prepared, run.sampler, device)
+    stream = _BatchStream(run.sampler, source, cfg.batch_size, cfg.prefetch)
     try:
         fixed = tuple(t.to(device) for t in stream.next())
         for _ in range(3):  # warm-up: cuDNN autotuning, allocator

@@ -55,6 +55,7 @@ def evaluate_runs(
         tta,
         on_case=lambda split, case: logger.info("evaluating %s/%s", split, case),
         empty_rule=settings.evaluate.empty_rule,
+        max_train_cases=settings.evaluate.max_train_cases,
     )
     paths = write_report(result, Path(runs), Path(out))
     markdown = headline_markdown(paths["metrics"], paths["html"].resolve())

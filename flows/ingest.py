@@ -4,8 +4,9 @@ The inbox has the dataset layout: ``imagesTr/`` + ``labelsTr/`` for labelled sca
 ``imagesTs/`` for unlabelled ones. Inbox files are only read, never moved or rewritten.
 
 1. New or changed labelled cases are preprocessed into the store (manifest-incremental).
-2. When at least ``[ingest] min_new_cases`` labelled cases have arrived since the last
-   training, ``train-all`` runs (train, evaluate, report).
+2. When at least ``[ingest] min_new_cases`` labelled cases have arrived in the inbox since
+   the last training, ``train-all`` runs (train, evaluate, report). Cases stored from
+   elsewhere (a preprocess run by hand) do not count.
 3. Unlabelled scans not predicted yet (or changed since) are predicted with the current
    best run into OUTPUTS (mask + measurements), recorded in ``OUTPUTS/ledger.json``.
 """
@@ -25,7 +26,7 @@ from flows.train import train_all_flow
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import pick_device
 from liverpipe.nifti import case_id_of, file_sha256, is_nifti
-from liverpipe.predict import Predictor, load_run, predict_file
+from liverpipe.predict import Predictor, load_cascade, predict_file
 from liverpipe.settings import load_settings
 from liverpipe.train_all import read_result
 from storage import SliceStore
@@ -36,14 +37,18 @@ STATE = "ingest_state.json"  # in RUNS: the cases the current models were traine
 
 
 def best_run(runs_dir: Path) -> Path | None:
-    """The finished run (result.json) with the highest best validation score."""
+    """The finished model folder (RUNS/<model>) whose last stage scored best on validation:
+    its tumour stage when it has one, else its liver stage."""
     scored = []
-    for run in sorted(runs_dir.glob("*/result.json")):
+    for model in sorted(p for p in runs_dir.glob("*") if (p / "liver" / "result.json").is_file()):
+        stage = (
+            model / "tumour" if (model / "tumour" / "result.json").is_file() else model / "liver"
+        )
         try:
-            score = read_result(run.parent).best_score
+            score = read_result(stage).best_score
         except (LiverpipeError, ValueError, KeyError):
             continue
-        scored.append((-math.inf if math.isnan(score) else score, run.parent))
+        scored.append((-math.inf if math.isnan(score) else score, model))
     return max(scored)[1] if scored else None
 
 
@@ -81,7 +86,7 @@ def _predict_new(inbox: Path, runs: Path, outputs: Path, tta: bool) -> dict[str,
     if todo:
         assert run is not None
         device = pick_device()
-        predictor = Predictor([load_run(run, device)], device, tta)
+        predictor = Predictor([load_cascade(run, device)], device, tta)
         outputs.mkdir(parents=True, exist_ok=True)
         for scan, digest in todo:
             case_id = case_id_of(scan)
@@ -101,6 +106,17 @@ def _predict_new(inbox: Path, runs: Path, outputs: Path, tta: bool) -> dict[str,
                 "predicted %s with %s: %d lesion(s)", case_id, run.name, record["tumour_count"]
             )
     return {"predicted": predicted, "failed": failed, "model": str(run) if run else None}
+
+
+def _inbox_cases(store: SliceStore, inbox: Path) -> set[str]:
+    """Stored cases whose scan came from the inbox: cases preprocessed from elsewhere (a
+    dataset run by hand, or `make demo`) never trigger a retraining here."""
+    root = inbox.resolve()
+    return {
+        case_id
+        for case_id in store.cases()
+        if Path(store.manifest.entries[case_id].image).resolve().is_relative_to(root)
+    }
 
 
 @flow(name="ingest", log_prints=True)
@@ -123,7 +139,7 @@ def ingest(
             data_dir=inbox, store=store, config=config, dask_address=dask_address
         )
     if Path(store).exists():
-        stored = set(SliceStore.open(Path(store)).cases())
+        stored = _inbox_cases(SliceStore.open(Path(store)), inbox_dir)
         state = _read_json(runs_dir / STATE, {"trained_on": []})
         new = sorted(stored - set(state["trained_on"]))
         result["new_since_training"] = len(new)

@@ -10,16 +10,17 @@ from prefect.artifacts import create_table_artifact
 
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import pick_device
-from liverpipe.predict import Predictor, load_run, predict_path
+from liverpipe.predict import Predictor, load_cascade, predict_path
 
 __all__ = ["predict_scans"]
 
 
 @flow(name="predict", log_prints=True)
 def predict_scans(source: str, output: str, models: list[str], tta: bool = False) -> dict[str, Any]:
-    """Predict SOURCE (a scan or a folder) into OUTPUT with the runs in MODELS (ensembled)."""
+    """Predict SOURCE (a scan or a folder) into OUTPUT with the models in MODELS (model
+    folders RUNS/<model> of train-all; several are ensembled)."""
     device = pick_device()
-    predictor = Predictor([load_run(Path(m), device) for m in models], device, tta)
+    predictor = Predictor([load_cascade(Path(m), device) for m in models], device, tta)
     results = predict_path(predictor, Path(source), Path(output))
     rows = []
     for scan, outcome in results.items():

@@ -25,20 +25,23 @@ def train_all_flow(
     report: str = "report",
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train UnetPlusPlus, MAnet and DeepLabV3Plus (one per GPU when there are several),
-    then evaluate every run and their ensemble into REPORT."""
+    """Train both stages (liver, tumour) of UnetPlusPlus, MAnet and DeepLabV3Plus (one job
+    per GPU when there are several), then evaluate every cascade, stage 1 alone and the
+    ensemble into REPORT."""
     logger = get_run_logger()
-    settings = load_settings(Path(config) if config else None, {"train": {"steps": steps}})
+    settings = load_settings(
+        Path(config) if config else None, {"train": {"steps": steps}, "tumour": {"steps": steps}}
+    )
     devices = parse_gpus(gpus)
 
     def log(outcome: ModelOutcome) -> None:
         if outcome.result is None:
-            logger.error("%s failed (%s): %s", outcome.model, outcome.device, outcome.error)
+            logger.error("%s failed (%s): %s", outcome.job, outcome.device, outcome.error)
         else:
             r = outcome.result
             logger.info(
                 "%s: %d steps, last loss %.4f, best val score %.4f (%s)",
-                outcome.model,
+                outcome.job,
                 r.steps,
                 r.last_loss,
                 r.best_score,
@@ -46,7 +49,7 @@ def train_all_flow(
             )
 
     outcomes = train_all(Path(store), Path(runs), settings, resume, devices, on_done=log)
-    failed = {o.model: o.error for o in outcomes if o.result is None}
+    failed = {o.job: o.error for o in outcomes if o.result is None}
     if len(failed) == len(outcomes):
         raise LiverpipeError(
             Path(runs),

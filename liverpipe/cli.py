@@ -311,25 +311,35 @@ def train_cmd(
     ] = Path("runs/model"),
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    stage: Annotated[
+        str,
+        typer.Option(
+            help="liver (stage 1, whole slices, [train]) or tumour (stage 2, liver ROI, [tumour])."
+        ),
+    ] = "liver",
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue exactly from OUT/last.pt.")
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Train one model on the store's train split, validating on its val split.
+    """Train one stage of one model on the store's train split, validating on its val split.
 
-    Example: liverpipe train --store stores/liver.zarr --model manet --out runs/manet --config configs/tiny.toml
+    Example: liverpipe train --store stores/liver.zarr --model manet --stage tumour --out runs/manet/tumour --config configs/cpu.toml
     """
     from liverpipe.train import train
 
-    settings = _settings(config, train={"model": model, "steps": steps, "batch_size": batch_size})
+    if stage not in ("liver", "tumour"):
+        raise typer.BadParameter(f"unknown stage {stage!r}; use liver or tumour")
+    section = "train" if stage == "liver" else "tumour"
+    settings = _settings(
+        config, **{section: {"model": model, "steps": steps, "batch_size": batch_size}}
+    )
+    cfg = settings.stage(stage)  # type: ignore[arg-type]
     with _training_bar() as bar:
-        on_step = _bar_task(
-            bar, settings.train.model, settings.train.steps, settings.train.batch_size
-        )
-        result = train(store, out, settings, resume, on_step=on_step)
+        on_step = _bar_task(bar, f"{cfg.model} {stage}", cfg.steps, cfg.batch_size)
+        result = train(store, out, settings, resume, on_step=on_step, stage=stage)  # type: ignore[arg-type]
     typer.echo(
-        f"trained {settings.train.model} for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
+        f"trained {cfg.model} ({stage}) for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
     )
 
 
@@ -354,40 +364,35 @@ def train_all_cmd(
     ] = "auto",
     config: ConfigOpt = None,
 ) -> None:
-    """Train UnetPlusPlus, MAnet and DeepLabV3Plus: one per GPU in parallel, or in turn.
+    """Train both stages of UnetPlusPlus, MAnet and DeepLabV3Plus: one job per GPU in
+    parallel, or in turn. OUT/<model>/liver and OUT/<model>/tumour.
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
     from liverpipe.train_all import ModelOutcome, parse_gpus, train_all
 
-    settings = _settings(config, train={"steps": steps})
+    settings = _settings(config, train={"steps": steps}, tumour={"steps": steps})
     devices = parse_gpus(gpus)
 
     def report(outcome: ModelOutcome) -> None:
         if outcome.result is None:
             err_console.print(
-                f"[red]{outcome.model} failed[/red] ({outcome.device}): {outcome.error}",
+                f"[red]{outcome.job} failed[/red] ({outcome.device}): {outcome.error}",
                 highlight=False,
             )
             return
         r = outcome.result
         typer.echo(
-            f"{outcome.model}: {r.steps} steps, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
+            f"{outcome.job}: {r.steps} steps, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
         )
 
+    def start(job: str) -> Callable[[int, float], None]:
+        cfg = settings.stage("tumour" if job.endswith("tumour") else "liver")
+        return _bar_task(bar, job, cfg.steps, cfg.batch_size)
+
     with _training_bar() as bar:
-        outcomes = train_all(
-            store,
-            out,
-            settings,
-            resume,
-            devices,
-            on_done=report,
-            on_start=lambda name: _bar_task(
-                bar, name, settings.train.steps, settings.train.batch_size
-            ),
-        )
-    failed = [o.model for o in outcomes if o.result is None]
+        outcomes = train_all(store, out, settings, resume, devices, on_done=report, on_start=start)
+    failed = [o.job for o in outcomes if o.result is None]
     if failed:
         err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
         raise typer.Exit(1)
@@ -402,7 +407,11 @@ def predict_cmd(
     ],
     model: Annotated[
         list[Path],
-        typer.Option("--model", "-m", help="Run folder; repeat it to ensemble (mean softmax)."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model folder RUNS/<model> (liver and tumour stages); repeat it to ensemble.",
+        ),
     ],
     tta: Annotated[
         bool,
@@ -414,18 +423,24 @@ def predict_cmd(
     tumour_in_liver: Annotated[
         bool, typer.Option(help="Drop tumour not attached to liver tissue.")
     ] = True,
+    min_lesion_mm3: Annotated[
+        float,
+        typer.Option(min=0, help="Tumour components smaller than this (mm³) become liver."),
+    ] = 0.0,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
 ) -> None:
-    """Segment new scans: masks on each input's exact grid, plus measurements JSON.
+    """Segment new scans with the cascade: masks on each input's exact grid, plus
+    measurements JSON.
 
     Example: liverpipe predict scans/ -o masks/ --model runs/unetplusplus --model runs/manet --tta
     """
     from liverpipe.models import pick_device
-    from liverpipe.predict import PostProcess, Predictor, load_run, predict_path
+    from liverpipe.predict import PostProcess, Predictor, load_cascade, predict_path
 
     dev = pick_device(device)
-    runs = [load_run(m, dev) for m in model]
-    predictor = Predictor(runs, dev, tta, PostProcess(largest_liver, tumour_in_liver))
+    cascades = [load_cascade(m, dev) for m in model]
+    post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3)
+    predictor = Predictor(cascades, dev, tta, post)
 
     def report(scan: Path, outcome: object) -> None:
         if isinstance(outcome, Exception):
@@ -496,6 +511,7 @@ def evaluate_cmd(
             tta,
             on_case=lambda s, c: bar.update(task, description=f"evaluating {s}/{c}", advance=1),
             empty_rule=settings.evaluate.empty_rule,
+            max_train_cases=settings.evaluate.max_train_cases,
         )
     paths = write_report(result, runs, out)
     aggregates = json.loads(paths["metrics"].read_text())["aggregates"]

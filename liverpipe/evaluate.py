@@ -20,15 +20,9 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
-from liverpipe.errors import LiverpipeError
+from liverpipe.cascade import liver_stage, tumour_stage
 from liverpipe.geometry import to_canonical
-from liverpipe.inference import (
-    PreparedScan,
-    native_labels,
-    predict_probabilities,
-    prepare_scan,
-    tta_flips,
-)
+from liverpipe.inference import PreparedScan, prepare_scan
 from liverpipe.metrics import (
     CLASSES,
     LESION_RULE,
@@ -38,22 +32,26 @@ from liverpipe.metrics import (
     empty_rule_text,
 )
 from liverpipe.nifti import read_header, read_voxels
-from liverpipe.predict import PostProcess, Run, load_run
+from liverpipe.predict import PostProcess, Predictor
+from liverpipe.runs import Run, find_models, load_cascade
 from liverpipe.train import CheckpointMismatchError
 from storage import SliceStore
 
 __all__ = [
+    "ENSEMBLE",
     "SEED_ROWS",
     "SPLITS",
+    "STAGE1",
     "Evaluation",
     "aggregate_value",
     "evaluate",
-    "find_runs",
     "seed_table",
 ]
 
 SPLITS = ("train", "val", "test")
 ENSEMBLE = "ensemble"
+#: Suffix of a model's stage-1-alone results.
+STAGE1 = "stage 1"
 SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd95", "assd", "rvd")
 #: The seed project's table: rows (label, path into an aggregate), one column per model.
 SEED_ROWS: list[tuple[str, tuple[str, ...]]] = [
@@ -101,22 +99,6 @@ def seed_table(aggregates: dict[str, dict[str, Any]], models: list[str]) -> dict
     return {"columns": models, "rows": rows}
 
 
-def find_runs(runs_dir: Path) -> list[Path]:
-    """Run folders (with config.json) directly under ``runs_dir``, sorted by name."""
-    found = (
-        sorted(p for p in Path(runs_dir).iterdir() if (p / "config.json").is_file())
-        if Path(runs_dir).is_dir()
-        else []
-    )
-    if not found:
-        raise LiverpipeError(
-            runs_dir,
-            "no training runs here (no RUNS/<model>/config.json)",
-            "pass the --out folder of `liverpipe train-all`",
-        )
-    return found
-
-
 def _check_store(run: Run, store: SliceStore) -> None:
     if run.store_config_hash != store.meta.config_hash:
         raise CheckpointMismatchError(
@@ -141,8 +123,10 @@ class Evaluation:
 
     store: str
     config_hash: str
-    models: list[str]
+    models: list[str]  # the cascades (each model, then their ensemble)
     splits: dict[str, list[str]]
+    stage1: list[str] = field(default_factory=list)  # the same models' stage 1 alone
+    train_total: int = 0  # train cases in the store (``splits`` may hold fewer)
     cases: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     empty_rule: EmptyRule = "lits"
@@ -152,7 +136,7 @@ class Evaluation:
     def aggregates(self) -> dict[str, dict[str, Any]]:
         """model -> split -> loss, accuracy, per-class mean/std/median, global Dice, lesions."""
         out: dict[str, dict[str, Any]] = {}
-        for model in self.models:
+        for model in [*self.models, *self.stage1]:
             out[model] = {}
             for split in self.splits:
                 rows = [c for c in self.cases if c["model"] == model and c["split"] == split]
@@ -167,6 +151,7 @@ class Evaluation:
                 "store": self.store,
                 "config_hash": self.config_hash,
                 "models": self.models,
+                "stage1": self.stage1,
                 "splits": {s: len(ids) for s, ids in self.splits.items()},
                 "empty_rule": empty_rule_text(self.empty_rule),
                 "empty_rule_name": self.empty_rule,
@@ -244,28 +229,46 @@ def evaluate(
     post: PostProcess | None = None,
     on_case: Callable[[str, str], None] | None = None,
     empty_rule: EmptyRule = "lits",
+    max_train_cases: int = 0,
 ) -> Evaluation:
-    """Score every run under ``runs_dir`` (and their ensemble) on ``splits`` of the store.
+    """Score every model under ``runs_dir`` (and their ensemble) on ``splits`` of the
+    store: the cascade, and stage 1 alone beside it (``"<model> stage 1"``).
 
-    ``tta`` averages, per run, the flips it trained with; ``empty_rule`` scores classes
-    absent from a case's ground truth (:func:`~liverpipe.metrics.empty_rule_text`)."""
+    ``tta`` averages, per stage, the flips its runs trained with; ``empty_rule`` scores
+    classes absent from a case's ground truth (:func:`~liverpipe.metrics.empty_rule_text`);
+    ``max_train_cases`` > 0 scores only the first that many train cases."""
     device = device or torch.device("cpu")
     post = post or PostProcess()
     store = SliceStore.open(store_path)
-    runs = [load_run(p, device) for p in find_runs(runs_dir)]
-    for run in runs:
-        _check_store(run, store)
-    names = [r.name for r in runs] + ([ENSEMBLE] if len(runs) > 1 else [])
+    cascades = [load_cascade(p, device) for p in find_models(runs_dir)]
+    members = {c.name: Predictor([c], device, tta, post) for c in cascades}
+    if len(cascades) > 1:
+        members[ENSEMBLE] = Predictor(cascades, device, tta, post)
+    for predictor in members.values():
+        for run in predictor.runs:
+            _check_store(run, store)
     chosen = {s: store.cases(s) for s in splits}  # type: ignore[arg-type]
+    if max_train_cases and "train" in chosen:
+        chosen["train"] = chosen["train"][:max_train_cases]
     result = Evaluation(
         str(store.root),
         store.meta.config_hash,
-        names,
+        list(members),
         chosen,
+        stage1=[f"{name} {STAGE1}" for name in members],
         empty_rule=empty_rule,
-        selection={r.name: _selection(r) for r in runs},
+        train_total=len(store.cases("train")),
+        selection={
+            f"{c.name}/{r.stage}": _selection(r)
+            for c in cascades
+            for r in (c.liver, c.tumour)
+            if r is not None
+        },
     )
-    first = runs[0]
+    first = cascades[0].liver
+    # Stage 1 alone is scored where the report's headline looks: the first of test, val,
+    # train that has cases (scoring on native grids costs seconds per case and row).
+    headline = next((s for s in ("test", "val", "train") if chosen.get(s)), None)
     for split, case_ids in chosen.items():
         for case_id in case_ids:
             if on_case:
@@ -284,38 +287,53 @@ def evaluate(
                 Path(meta.source_image), first.preprocess, first.zscore, keep_source=True
             )
             stored_label = store.case(case_id).load()[1]
-            truth_info = read_header(Path(meta.source_label))
-            truth = np.asarray(read_voxels(truth_info)).astype(np.uint8)
-            probs = {
-                r.name: predict_probabilities(
-                    [r.model],
-                    scan.image,
-                    r.train.context_slices,
-                    device,
-                    flips=tta_flips(r.train.augment.flip_axes) if tta else [()],
-                )
-                for r in runs
-            }
-            if len(runs) > 1:
-                probs[ENSEMBLE] = np.mean(list(probs.values()), axis=0)
-            predictions = {}
-            for name, p in probs.items():
-                labels = native_labels(
-                    p.argmax(0).astype(np.uint8), scan, post.largest_liver, post.tumour_in_liver
-                )
-                predictions[name] = labels
-                row = case_metrics(labels, truth, scan.info.spacing, empty_rule)
-                result.cases.append(
-                    {
-                        "case_id": case_id,
-                        "split": split,
-                        "model": name,
-                        "loss": _loss(p[:, :, scan.window[0], scan.window[1]], stored_label),
-                        **row,
-                    }
-                )
+            truth = np.asarray(read_voxels(read_header(Path(meta.source_label)))).astype(np.uint8)
+            predictions = _score_case(
+                result, members, scan, truth, stored_label, (split, case_id), split == headline
+            )
             result.overlays[(split, case_id)] = _axial_overlay(scan, truth, predictions)
     return result
+
+
+def _score_case(
+    result: Evaluation,
+    members: dict[str, Predictor],
+    scan: PreparedScan,
+    truth: np.ndarray,
+    stored_label: np.ndarray,
+    where: tuple[str, str],
+    with_stage1: bool,
+) -> dict[str, np.ndarray]:
+    """Every member's cascade (and stage 1 alone, ``with_stage1``) on one case; rows into
+    ``result``; the cascades' native labels (for the overlays). Ensembles reuse their
+    members' stage-1 softmax."""
+    window = (slice(None), slice(None), scan.window[0], scan.window[1])
+    liver_probs: dict[str, np.ndarray] = {}
+    predictions = {}
+    for name, predictor in members.items():
+        liver_models, tumour_models = predictor.stages()
+        if name == ENSEMBLE:
+            probs = np.mean([liver_probs[m] for m in liver_probs], axis=0)
+        else:
+            probs = liver_stage(scan.image, liver_models, predictor.device)
+            liver_probs[name] = probs
+        out = tumour_stage(probs, scan.image, scan.grid.spacing, tumour_models, predictor.device)
+        scored = [(name, out.final), (f"{name} {STAGE1}", out.liver)]
+        for label, p in scored if with_stage1 else scored[:1]:
+            labels = predictor.native(p, scan, cascade=label == name)
+            if label == name:
+                predictions[name] = labels
+            row = case_metrics(labels, truth, scan.info.spacing, result.empty_rule)
+            result.cases.append(
+                {
+                    "case_id": where[1],
+                    "split": where[0],
+                    "model": label,
+                    "loss": _loss(p[window], stored_label),
+                    **row,
+                }
+            )
+    return predictions
 
 
 def _selection(run: Run) -> str:

@@ -26,13 +26,18 @@ from liverpipe.sampling import volume_batches
 from liverpipe.settings import CheckConfig, PreprocessConfig
 
 __all__ = [
+    "STRIDE",
     "PreparedScan",
+    "drop_small_lesions",
     "keep_largest_liver",
+    "pool",
+    "pool_labels",
     "predict_probabilities",
     "prepare_scan",
     "to_native",
     "tta_flips",
     "tumour_inside_liver",
+    "unpool",
 ]
 
 
@@ -89,6 +94,44 @@ def tta_flips(axes: Sequence[str]) -> list[tuple[int, ...]]:
     return [tuple(d for i, d in enumerate(dims) if mask >> i & 1) for mask in range(2 ** len(dims))]
 
 
+#: Input sizes of the encoders must be multiples of this.
+STRIDE = 32
+
+
+def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average (B, C, Y, X) images down by ``factor``, padding Y and X with each image's
+    minimum (air) up to a multiple of ``factor * STRIDE`` first."""
+    if factor == 1:
+        return images
+    _, _, height, width = images.shape
+    unit = factor * STRIDE
+    pad_y, pad_x = -height % unit, -width % unit
+    if pad_y or pad_x:
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        padded = torch.nn.functional.pad(images - low, (0, pad_x, 0, pad_y)) + low
+    else:
+        padded = images
+    return torch.nn.functional.avg_pool2d(padded, factor)
+
+
+def unpool(probs: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear inverse of :func:`pool` for (B, C, y, x) probabilities, cropped to ``size``."""
+    if factor == 1:
+        return probs
+    up = torch.nn.functional.interpolate(
+        probs, scale_factor=factor, mode="bilinear", align_corners=False
+    )
+    return up[:, :, : size[0], : size[1]]
+
+
+def pool_labels(labels: torch.Tensor, factor: int, classes: int = 3) -> torch.Tensor:
+    """(B, Y, X) labels down by ``factor``: the majority label of each block."""
+    if factor == 1:
+        return labels
+    onehot = torch.nn.functional.one_hot(labels, classes).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.avg_pool2d(onehot, factor).argmax(1)
+
+
 @torch.no_grad()
 def predict_probabilities(
     models: Sequence[torch.nn.Module],
@@ -97,12 +140,14 @@ def predict_probabilities(
     device: torch.device,
     batch: int = 16,
     flips: Sequence[tuple[int, ...]] = ((),),
+    downsample: int = 1,
 ) -> np.ndarray:
     """Mean softmax (C, Z, Y, X) float32 over ``models`` (an ensemble) and ``flips`` (TTA).
 
     2.5D: slice z is predicted from its ``context`` neighbours as channels (edges
     replicated). Each flip mirrors the given dims of the (B, C, Y, X) input, and the
-    output back (:func:`tta_flips`).
+    output back (:func:`tta_flips`). ``downsample`` > 1 (the liver stage) predicts on
+    slices averaged down by that factor and interpolates the softmax back up.
     """
     autocast = device.type == "cuda"
     total: np.ndarray | None = None
@@ -113,8 +158,8 @@ def predict_probabilities(
             for dims in flips:
                 x = stacks.flip(dims) if dims else stacks
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(x).float()
-                p = logits.softmax(1)
+                    logits = model(pool(x, downsample)).float()
+                p = unpool(logits.softmax(1), downsample, (x.shape[2], x.shape[3]))
                 probs = probs + (p.flip(dims) if dims else p)
             chunk = (probs / len(flips)).permute(1, 0, 2, 3).cpu().numpy()
             if total is None:
@@ -162,13 +207,37 @@ def tumour_inside_liver(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def drop_small_lesions(labels: np.ndarray, voxel_mm3: float, min_mm3: float) -> np.ndarray:
+    """Turn tumour components (26-connected) smaller than ``min_mm3`` into liver."""
+    if min_mm3 <= 0:
+        return labels
+    tumour = np.ascontiguousarray(labels == Label.TUMOUR)
+    if not tumour.any():
+        return labels
+    kept = cc3d.dust(tumour, threshold=max(1, int(np.ceil(min_mm3 / voxel_mm3))), connectivity=26)
+    out = labels.copy()
+    out[tumour & ~kept] = Label.LIVER
+    return out
+
+
 def native_labels(
-    stored_labels: np.ndarray, scan: PreparedScan, largest_liver: bool, tumour_in_liver: bool
+    model_labels: np.ndarray,
+    scan: PreparedScan,
+    largest_liver: bool,
+    tumour_in_liver: bool,
+    min_lesion_mm3: float = 0.0,
 ) -> np.ndarray:
-    """Stored-grid labels -> post-processed labels in the file's (i, j, k) order."""
-    canonical = to_native(stored_labels, scan)
+    """Model-grid labels -> post-processed labels in the file's (i, j, k) order.
+
+    Post-processing runs on the model grid, before the labels go back to the scan's grid
+    (many times fewer voxels than a sub-millimetre scan): the largest liver component,
+    tumour only where it touches liver, and no lesion under ``min_lesion_mm3``.
+    """
+    labels = np.asarray(model_labels, dtype=np.uint8)
     if largest_liver:
-        canonical = keep_largest_liver(canonical)
+        labels = keep_largest_liver(labels)
     if tumour_in_liver:
-        canonical = tumour_inside_liver(canonical)
-    return from_canonical(canonical, scan.geometry)
+        labels = tumour_inside_liver(labels)
+    voxel_mm3 = float(np.prod(scan.grid.spacing))
+    labels = drop_small_lesions(labels, voxel_mm3, min_lesion_mm3)
+    return from_canonical(to_native(labels, scan), scan.geometry)

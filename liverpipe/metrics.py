@@ -19,8 +19,10 @@ from typing import Literal
 import cc3d
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from liverpipe.labels import Label
+from liverpipe.roi import bounding_box
 
 __all__ = [
     "CLASSES",
@@ -33,10 +35,12 @@ __all__ = [
     "case_dice",
     "case_metrics",
     "class_masks",
+    "confusion",
     "dice",
     "empty_rule_text",
     "lesion_detection",
     "overlap",
+    "overlap_from_counts",
     "pooled_score",
     "surface_distances",
 ]
@@ -108,8 +112,15 @@ def overlap(
     """
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     tp = int(np.count_nonzero(p & t))
-    n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
-    fp, fn = n_p - tp, n_t - tp
+    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
+    return overlap_from_counts(tp, fp, fn, p.size, empty_rule)
+
+
+def overlap_from_counts(
+    tp: int, fp: int, fn: int, voxels: int, empty_rule: EmptyRule = "lits"
+) -> dict[str, float]:
+    """:func:`overlap` from voxel counts (``voxels``: the volume's size)."""
+    n_p, n_t = tp + fp, tp + fn
     empty = n_p == 0 and n_t == 0
     agreed = 1.0 if empty_rule == "lits" else math.nan
     return {
@@ -117,12 +128,12 @@ def overlap(
         "jaccard": _ratio(tp, tp + fp + fn, empty, agreed),
         "precision": _ratio(tp, n_p, empty),
         "recall": _ratio(tp, n_t, empty),
-        "accuracy": (p.size - fp - fn) / p.size,
+        "accuracy": (voxels - fp - fn) / voxels,
         "rvd": (n_p - n_t) / n_t if n_t else math.nan,
         "tp": tp,
         "fp": fp,
         "fn": fn,
-        "voxels": int(p.size),
+        "voxels": int(voxels),
     }
 
 
@@ -143,18 +154,22 @@ def surface_distances(
 
     ``spacing`` is the voxel size along the arrays' axes, in their order. HD95 is the
     larger of the two directed 95th percentiles; ASSD is the mean of all surface-to-surface
-    distances of both directions. NaN when either mask is empty. The work is done inside
-    the masks' joint bounding box, so a full-size scan costs what its organ costs.
+    distances of both directions. NaN when either mask is empty. Each surface voxel's
+    distance to the other surface is an exact nearest-neighbour query (a k-d tree of the
+    other surface's voxel centres, in mm), so the cost follows the surfaces' size, not
+    the volume between them: scattered false positives across a scan cost no more.
     """
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if not p.any() or not t.any():
         return {"hd95": math.nan, "assd": math.nan}
-    box = ndimage.find_objects((p | t).astype(np.uint8))[0]
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-    p_surface, t_surface = _surface(p[box]), _surface(t[box])
-    sampling = [float(s) for s in spacing]
-    to_t = ndimage.distance_transform_edt(~t_surface, sampling=sampling)[p_surface]
-    to_p = ndimage.distance_transform_edt(~p_surface, sampling=sampling)[t_surface]
+    box = bounding_box(p, t)
+    assert box is not None
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)  # type: ignore[assignment]
+    scale = np.asarray([float(s) for s in spacing])
+    p_points = np.argwhere(_surface(p[box])) * scale
+    t_points = np.argwhere(_surface(t[box])) * scale
+    to_t = cKDTree(t_points).query(p_points)[0]
+    to_p = cKDTree(p_points).query(t_points)[0]
     hd95 = max(float(np.percentile(to_t, 95)), float(np.percentile(to_p, 95)))
     assd = float(np.concatenate([to_t, to_p]).mean())
     return {"hd95": hd95, "assd": assd}
@@ -231,6 +246,10 @@ def _found(components: np.ndarray, count: int, other: np.ndarray) -> int:
 
 def lesion_detection(pred_tumour: np.ndarray, true_tumour: np.ndarray) -> LesionCounts:
     """Lesion-wise detection counts of one case's tumour masks."""
+    box = bounding_box(pred_tumour, true_tumour)
+    if box is None:
+        return LesionCounts(0, 0, 0, 0)
+    pred_tumour, true_tumour = pred_tumour[box], true_tumour[box]
     truth, n_true = cc3d.connected_components(
         np.ascontiguousarray(true_tumour, dtype=bool), connectivity=26, return_N=True
     )
@@ -250,12 +269,7 @@ def case_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def case_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, tuple[int, int, int]]:
     """Per-class (tp, fp, fn) voxel counts of one case, for pooled (split-level) Dice."""
-    p, t = class_masks(pred), class_masks(truth)
-    out = {}
-    for name in CLASSES:
-        tp = int(np.count_nonzero(p[name] & t[name]))
-        out[name] = (tp, int(np.count_nonzero(p[name])) - tp, int(np.count_nonzero(t[name])) - tp)
-    return out
+    return _class_counts(confusion(pred, truth))
 
 
 def pooled_score(counts: Sequence[dict[str, tuple[int, int, int]]]) -> dict[str, float]:
@@ -273,16 +287,29 @@ def pooled_score(counts: Sequence[dict[str, tuple[int, int, int]]]) -> dict[str,
     return pooled
 
 
+def confusion(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(3, 3) voxel counts, ``[true label, predicted label]``, of two label volumes."""
+    codes = np.asarray(truth, dtype=np.uint8) * np.uint8(3) + np.asarray(pred, dtype=np.uint8)
+    return np.bincount(codes.ravel(), minlength=9)[:9].reshape(3, 3).astype(np.int64)
+
+
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean over the label values present in ``truth`` (0, 1, 2) of the fraction of their
     voxels predicted as that value: pixel accuracy that background cannot dominate."""
-    recalls = []
-    for value in (int(v) for v in Label):
-        where = truth == value
-        count = int(np.count_nonzero(where))
-        if count:
-            recalls.append(int(np.count_nonzero(pred[where] == value)) / count)
-    return float(np.mean(recalls)) if recalls else math.nan
+    return _balanced(confusion(pred, truth))
+
+
+def _balanced(counts: np.ndarray) -> float:
+    rows = counts.sum(axis=1)
+    present = rows > 0
+    return float(np.mean(np.diag(counts)[present] / rows[present])) if present.any() else math.nan
+
+
+def _class_counts(counts: np.ndarray) -> dict[str, tuple[int, int, int]]:
+    """(tp, fp, fn) of liver (labels 1 and 2) and tumour (label 2) from a confusion matrix."""
+    liver = (int(counts[1:, 1:].sum()), int(counts[0, 1:].sum()), int(counts[1:, 0].sum()))
+    tumour = (int(counts[2, 2]), int(counts[:2, 2].sum()), int(counts[2, :2].sum()))
+    return {"liver": liver, "tumour": tumour}
 
 
 def case_metrics(
@@ -295,21 +322,28 @@ def case_metrics(
 
     ``pred`` and ``truth`` are label volumes (0, 1, 2) on the same grid, ``spacing`` its
     voxel size along the arrays' axes in mm; ``empty_rule`` scores classes absent from
-    the ground truth (:func:`empty_rule_text`).
+    the ground truth (:func:`empty_rule_text`). Everything but the voxel total is
+    computed inside the joint foreground's bounding box: outside it both are background.
     """
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+    box = bounding_box(pred, truth) or (slice(0, 1), slice(0, 1), slice(0, 1))
+    voxels = pred.size
+    pred, truth = pred[box], truth[box]
+    counts = confusion(pred, truth)
+    counts[0, 0] += voxels - pred.size  # the background outside the box
     p, t = class_masks(pred), class_masks(truth)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     classes: dict[str, dict[str, float]] = {}
-    for name in CLASSES:
-        row = overlap(p[name], t[name], empty_rule) | surface_distances(p[name], t[name], spacing)
-        row["volume_pred_ml"] = (row["tp"] + row["fp"]) * voxel_ml
-        row["volume_true_ml"] = (row["tp"] + row["fn"]) * voxel_ml
+    for name, (tp, fp, fn) in _class_counts(counts).items():
+        row = overlap_from_counts(tp, fp, fn, voxels, empty_rule)
+        row |= surface_distances(p[name], t[name], spacing)
+        row["volume_pred_ml"] = (tp + fp) * voxel_ml
+        row["volume_true_ml"] = (tp + fn) * voxel_ml
         classes[name] = row
     return {
-        "pixel_accuracy": float(np.count_nonzero(pred == truth)) / pred.size,
-        "balanced_accuracy": balanced_accuracy(pred, truth),
+        "pixel_accuracy": float(np.trace(counts)) / voxels,
+        "balanced_accuracy": _balanced(counts),
         "classes": classes,
         "lesions": lesion_detection(p["tumour"], t["tumour"]).as_dict(),
     }

@@ -1,7 +1,9 @@
-"""Predict liver and tumour masks for new scans with one trained run or an ensemble.
+"""Predict liver and tumour masks for new scans with one trained cascade or an ensemble.
 
-Each run folder holds ``config.json`` (train settings and the preprocessing of the store
-it trained on) and ``best.pt``/``last.pt``. The mask is written on the input's grid with
+A model folder (``liverpipe.runs``) holds the liver stage and the tumour stage, each a run
+with ``config.json`` (stage, settings, the preprocessing of its store) and
+``best.pt``/``last.pt``. Stage 1 finds the liver, stage 2 segments liver and tumour in its
+ROI (``liverpipe.cascade``). The mask is written on the input's grid with
 its exact header (shape, affine, qform/sform codes), as uint8, with a measurements JSON
 beside it.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,89 +20,26 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from liverpipe.cascade import StageModels, liver_stage, tumour_stage
 from liverpipe.errors import LiverpipeError
-from liverpipe.inference import (
-    PreparedScan,
-    native_labels,
-    predict_probabilities,
-    prepare_scan,
-    tta_flips,
-)
+from liverpipe.inference import PreparedScan, native_labels, prepare_scan, tta_flips
 from liverpipe.measure import measure
-from liverpipe.models import build_model
 from liverpipe.nifti import NiftiInfo, case_id_of, is_nifti
-from liverpipe.preprocess import ZScoreStats
-from liverpipe.settings import PreprocessConfig, TrainConfig
-from liverpipe.train import load_checkpoint
+from liverpipe.runs import Cascade, Run, find_models, load_cascade, load_run
+from liverpipe.stages import decide
 
-__all__ = ["PostProcess", "Predictor", "Run", "load_run", "predict_path", "write_labels"]
-
-
-@dataclass(frozen=True, eq=False)
-class Run:
-    """A trained model and the preprocessing it expects."""
-
-    run_dir: Path
-    checkpoint: Path
-    train: TrainConfig
-    preprocess: PreprocessConfig
-    zscore: ZScoreStats | None
-    store_config_hash: str
-    model: torch.nn.Module
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
-
-
-def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
-    """Load ``best.pt`` (else ``last.pt``) of a run folder with ``weights_only=True``."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise LiverpipeError(
-            run_dir,
-            "not a training run folder (no config.json)",
-            "pass a folder made by `liverpipe train` or `liverpipe train-all` (RUNS/<model>)",
-        )
-    record = json.loads(config_path.read_text())
-    checkpoint = next(
-        (run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None
-    )
-    if checkpoint is None:
-        raise LiverpipeError(
-            run_dir,
-            "no checkpoint (best.pt or last.pt) in this run folder",
-            "let the training finish, or resume it with `liverpipe train --resume`",
-        )
-    train_cfg = TrainConfig.model_validate(record["train"])
-    store_config = record.get("store_config") or {}
-    if "preprocess" not in store_config:
-        raise LiverpipeError(
-            config_path,
-            "the run does not record the preprocessing of its store",
-            "retrain with this version of liverpipe, which writes store_config into config.json",
-        )
-    state = load_checkpoint(checkpoint)
-    if state.get("identity", {}).get("store_config_hash") != record.get("store_config_hash"):
-        raise LiverpipeError(
-            checkpoint,
-            "the checkpoint was made for another store than config.json describes",
-            "do not mix files between run folders; retrain into a fresh folder",
-        )
-    model = build_model(train_cfg.model, train_cfg.encoder, train_cfg.context_slices, 3)
-    model.load_state_dict(state["model"])
-    model.to(device or torch.device("cpu")).eval()
-    zscore = store_config.get("zscore")
-    return Run(
-        run_dir,
-        checkpoint,
-        train_cfg,
-        PreprocessConfig.model_validate(store_config["preprocess"]),
-        ZScoreStats(**zscore) if zscore else None,
-        str(record["store_config_hash"]),
-        model,
-    )
+__all__ = [
+    "Cascade",
+    "PostProcess",
+    "Predictor",
+    "Run",
+    "StagePrediction",
+    "find_models",
+    "load_cascade",
+    "load_run",
+    "predict_path",
+    "write_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -109,70 +48,159 @@ class PostProcess:
 
     largest_liver: bool = True
     tumour_in_liver: bool = True
+    min_lesion_mm3: float = 0.0  # tumour components smaller than this become liver
+
+
+@dataclass(frozen=True, eq=False)
+class StagePrediction:
+    """A scan's prediction by stage 1 alone and by the cascade, as native labels."""
+
+    scan: PreparedScan
+    liver: np.ndarray  # stage 1 alone, post-processed, file (i, j, k) order
+    cascade: np.ndarray  # the cascade, post-processed, file (i, j, k) order
+    warnings: list[str]
 
 
 @dataclass
 class Predictor:
-    """One run or an ensemble (mean of softmax), with optional flip TTA."""
+    """One cascade or an ensemble of them (mean softmax per stage), with optional flip TTA."""
 
-    runs: Sequence[Run]
+    cascades: Sequence[Cascade]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tta: bool = False
     post: PostProcess = field(default_factory=PostProcess)
 
     def __post_init__(self) -> None:
-        if not self.runs:
-            raise ValueError("at least one run is needed")
-        first = self.runs[0]
-        for run in self.runs[1:]:
-            if run.store_config_hash != first.store_config_hash:
-                raise LiverpipeError(
-                    run.run_dir,
-                    f"its store preprocessing ({run.store_config_hash}) differs from "
-                    f"{first.run_dir} ({first.store_config_hash}), so they cannot be ensembled",
-                    "ensemble only runs trained on the same store",
-                )
-            if run.train.context_slices != first.train.context_slices:
-                raise LiverpipeError(
-                    run.run_dir,
-                    "its context_slices differs from the other runs'",
-                    "ensemble runs with the same context_slices",
-                )
-        if self.tta and self.tta_flips == [()]:
+        if not self.cascades:
+            raise ValueError("at least one model is needed")
+        _check_ensemble([c.liver for c in self.cascades], "liver")
+        tumours = [c.tumour for c in self.cascades]
+        if any(t is None for t in tumours) and not all(t is None for t in tumours):
             raise LiverpipeError(
-                first.run_dir,
+                self.cascades[0].liver.run_dir.parent,
+                "some models have a tumour stage and some do not, so they cannot be ensembled",
+                "ensemble models trained alike (`liverpipe train-all` trains both stages)",
+            )
+        if all(t is not None for t in tumours):
+            _check_ensemble([t for t in tumours if t is not None], "tumour")
+            if tumours[0] is not None and (
+                tumours[0].store_config_hash != self.cascades[0].liver.store_config_hash
+            ):
+                raise LiverpipeError(
+                    tumours[0].run_dir,
+                    f"its store differs from the liver stage's ({tumours[0].store_config_hash} "
+                    f"vs {self.cascades[0].liver.store_config_hash}), so they are not a pair",
+                    "retrain both stages on one store (`liverpipe train-all`)",
+                )
+        if self.tta and self._flips("liver") == [()]:
+            raise LiverpipeError(
+                self.cascades[0].liver.run_dir,
                 "test-time augmentation averages the flips the model trained with, and "
                 "these runs share none ([train.augment] flip_axes)",
                 "predict without --tta, or retrain with flip_axes = ['lr', 'ap']",
             )
 
     @property
+    def runs(self) -> list[Run]:
+        """Every run of every stage, liver stages first."""
+        tumours = [c.tumour for c in self.cascades if c.tumour is not None]
+        return [c.liver for c in self.cascades] + tumours
+
+    @property
     def tta_flips(self) -> list[tuple[int, ...]]:
-        """The flips TTA averages: every combination of the axes all runs trained with."""
-        if not self.tta:
+        """The flips TTA averages in stage 1 (stage 2 likewise with its own runs)."""
+        return self._flips("liver")
+
+    def _flips(self, stage: str) -> list[tuple[int, ...]]:
+        runs = [r for r in self.runs if r.stage == stage]
+        if not self.tta or not runs:
             return [()]
-        axes = set.intersection(*(set(r.train.augment.flip_axes) for r in self.runs))
+        axes = set.intersection(*(set(r.train.augment.flip_axes) for r in runs))
         return tta_flips(tuple(sorted(axes)))
 
-    def predict(self, path: Path) -> tuple[np.ndarray, PreparedScan]:
-        """Post-processed uint8 labels in the file's (i, j, k) order, and the prepared scan."""
-        first = self.runs[0]
-        scan = prepare_scan(path, first.preprocess, first.zscore)
-        probs = predict_probabilities(
-            [r.model for r in self.runs],
-            scan.image,
+    def stages(self) -> tuple[StageModels, StageModels | None]:
+        """The two stages' models as the cascade runs them."""
+        first = self.cascades[0].liver
+        liver = StageModels(
+            [c.liver.model for c in self.cascades],
             first.train.context_slices,
-            self.device,
-            flips=self.tta_flips,
+            self._flips("liver"),
+            downsample=first.train.downsample,
         )
-        stored = probs.argmax(0).astype(np.uint8)
-        labels = native_labels(stored, scan, self.post.largest_liver, self.post.tumour_in_liver)
-        return labels, scan
+        tumours = [c.tumour for c in self.cascades if c.tumour is not None]
+        if not tumours:
+            return liver, None
+        tumour = StageModels(
+            [t.model for t in tumours],
+            tumours[0].train.context_slices,
+            self._flips("tumour"),
+            margin_mm=tumours[0].train.roi_margin_mm,
+            gain=tumours[0].gain,
+        )
+        return liver, tumour
+
+    def predict_stages(self, path: Path) -> StagePrediction:
+        """Stage 1 alone and the cascade, as post-processed native labels."""
+        first = self.cascades[0].liver
+        scan = prepare_scan(path, first.preprocess, first.zscore)
+        liver_models, tumour_models = self.stages()
+        probs = liver_stage(scan.image, liver_models, self.device)
+        result = tumour_stage(probs, scan.image, scan.grid.spacing, tumour_models, self.device)
+        return StagePrediction(
+            scan,
+            self.native(result.liver, scan, cascade=False),
+            self.native(result.final, scan),
+            [*scan.warnings, *(f"{path}: {w}" for w in result.warnings)],
+        )
+
+    def predict(self, path: Path) -> tuple[np.ndarray, PreparedScan]:
+        """The cascade's post-processed uint8 labels in the file's (i, j, k) order, and the
+        prepared scan."""
+        out = self.predict_stages(path)
+        return out.cascade, replace(out.scan, warnings=tuple(out.warnings))
 
     def labels(self, path: Path) -> tuple[np.ndarray, NiftiInfo]:
         """Post-processed uint8 labels in the file's (i, j, k) order, and its header."""
         labels, scan = self.predict(path)
         return labels, scan.info
+
+    @property
+    def tumour_threshold(self) -> float | None:
+        """The tumour stages' tuned thresholds, averaged (None: argmax)."""
+        found = [c.tumour.tumour_threshold for c in self.cascades if c.tumour is not None]
+        values = [t for t in found if t is not None]
+        return float(np.mean(values)) if values and len(values) == len(found) else None
+
+    def native(self, probs: np.ndarray, scan: PreparedScan, cascade: bool = True) -> np.ndarray:
+        """Model-grid softmax -> post-processed uint8 labels in the file's (i, j, k) order;
+        ``cascade``: with the tumour stage's tuned threshold (stage 1 alone: argmax)."""
+        labels = decide(probs, self.tumour_threshold if cascade else None)
+        post = self.post
+        return native_labels(
+            labels, scan, post.largest_liver, post.tumour_in_liver, post.min_lesion_mm3
+        )
+
+
+def _check_ensemble(runs: Sequence[Run], stage: str) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        if run.store_config_hash != first.store_config_hash:
+            raise LiverpipeError(
+                run.run_dir,
+                f"its store preprocessing ({run.store_config_hash}) differs from "
+                f"{first.run_dir} ({first.store_config_hash}), so they cannot be ensembled",
+                "ensemble only runs trained on the same store",
+            )
+        keys = ("context_slices", "downsample", "roi_margin_mm", "relative_window_hu")
+        differ = [k for k in keys if getattr(run.train, k) != getattr(first.train, k)]
+        if differ:
+            raise LiverpipeError(
+                run.run_dir,
+                f"its {stage} stage reads the image differently from {first.run_dir} "
+                f"({', '.join(differ)})",
+                f"ensemble runs trained with the same [{'train' if stage == 'liver' else 'tumour'}] "
+                "reading settings",
+            )
 
 
 def write_labels(labels: np.ndarray, info: NiftiInfo, out: Path) -> None:

@@ -19,6 +19,7 @@ from nibabel.orientations import apply_orientation
 
 from liverpipe.geometry import CanonicalGeometry
 from liverpipe.labels import Label
+from liverpipe.roi import bounding_box
 from liverpipe.settings import PreprocessConfig
 
 __all__ = [
@@ -341,16 +342,14 @@ def _resample_in_box(
 
 def _support(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
     """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``."""
-    slices = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
-        slices.append(
-            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, mask.shape[axis]))
-        )
-    return slices[0], slices[1], slices[2]
+    box = bounding_box(mask)
+    if box is None:
+        return None
+    z, y, x = (
+        slice(max(s.start - margin, 0), min(s.stop + margin, n))
+        for s, n in zip(box, mask.shape, strict=True)
+    )
+    return z, y, x
 
 
 def normalize_ct(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from liverpipe.evaluate import Evaluation, aggregate_value, write_metrics
+from liverpipe.evaluate import STAGE1, Evaluation, aggregate_value, write_metrics
 from liverpipe.labels import DEFAULT_HU_WINDOW
 from liverpipe.metrics import LESION_RULE, empty_rule_text
 
@@ -65,7 +65,9 @@ def _comparison(aggregates: dict[str, dict[str, Any]]) -> str:
         scores = {
             m: aggregate_value(per[split], path)
             for m, per in aggregates.items()
-            if split in per and not math.isnan(aggregate_value(per[split], path))
+            if split in per
+            and not m.endswith(STAGE1)
+            and not math.isnan(aggregate_value(per[split], path))
         }
         if len(scores) < 2:
             continue
@@ -115,25 +117,29 @@ def _strip_plots(evaluation: Evaluation) -> bytes:
 
 
 def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
+    """Training loss and validation score of each model's stages (solid: liver stage,
+    dashed: tumour stage)."""
     fig = Figure(figsize=(10, 3.6))
     loss_ax, val_ax = fig.subplots(1, 2)
     drawn = False
     for model in models:
-        history = runs_dir / model / "history.jsonl"
-        if not history.is_file():
-            continue
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        steps = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-        vals = [
-            (r["step"], r["val"]["score"])
-            for r in rows
-            if r.get("val") and r["val"].get("score") is not None
-        ]
-        if steps:
-            loss_ax.plot(*zip(*steps, strict=True), label=model)
-            drawn = True
-        if vals:
-            val_ax.plot(*zip(*vals, strict=True), marker="o", label=model)
+        for stage, style in (("liver", "-"), ("tumour", "--")):
+            history = runs_dir / model / stage / "history.jsonl"
+            if not history.is_file():
+                continue
+            rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+            steps = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+            vals = [
+                (r["step"], r["val"]["score"])
+                for r in rows
+                if r.get("val") and r["val"].get("score") is not None
+            ]
+            label = f"{model} {stage}"
+            if steps:
+                loss_ax.plot(*zip(*steps, strict=True), style, label=label)
+                drawn = True
+            if vals:
+                val_ax.plot(*zip(*vals, strict=True), style, marker="o", label=label)
     if not drawn:
         return None
     loss_ax.set(title="training loss", xlabel="step")
@@ -141,7 +147,7 @@ def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
         title="validation score (Dice pooled over val cases, mean of classes present)",
         xlabel="step",
     )
-    loss_ax.legend()
+    loss_ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -259,6 +265,11 @@ def _context(evaluation: Evaluation) -> str:
     sizes = ", ".join(
         f"{SPLIT_NAMES[s].lower()} {len(ids)}" for s, ids in evaluation.splits.items()
     )
+    if evaluation.train_total > len(evaluation.splits.get("train", [])):
+        sizes += (
+            f" (the first {len(evaluation.splits['train'])} of {evaluation.train_total} train "
+            "cases, [evaluate] max_train_cases)"
+        )
     skipped = (
         f" Skipped: {len(evaluation.skipped)} case(s) whose source files are gone."
         if evaluation.skipped
@@ -267,7 +278,11 @@ def _context(evaluation: Evaluation) -> str:
     chosen = " ".join(f"{m}: {how}." for m, how in sorted(evaluation.selection.items()))
     return (
         f"Store `{evaluation.store}` (preprocessing config {evaluation.config_hash}). Cases per split: "
-        f"{sizes}. Metrics are computed per case on each scan's native grid after mapping the "
+        f"{sizes}. Each model is a cascade: stage 1 finds the liver on whole slices, stage 2 "
+        f"segments liver and tumour inside the liver's bounding box at full resolution; the "
+        f"headline and the seed table score the cascade, and the '{STAGE1}' rows score stage 1 "
+        f"alone, so the gain is visible. "
+        f"Metrics are computed per case on each scan's native grid after mapping the "
         f"prediction back through the inverse of preprocessing; the loss (Dice + cross-entropy) "
         f"on the stored grid. Liver is labels 1 and 2, tumour label 2. Empty ground truth: "
         f"the {evaluation.empty_rule} rule (see Rules).{skipped} Checkpoints: {chosen}"

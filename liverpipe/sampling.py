@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from liverpipe.labels import Label
+from liverpipe.roi import Box, grow, liver_box, liver_median, margin_voxels, relative
+from liverpipe.settings import TrainConfig
 from storage import CaseReader, SliceStore
 from storage.reader import window_indices
 
@@ -39,6 +42,7 @@ def volume_batches(
 
 __all__ = [
     "ResidentSource",
+    "RoiSource",
     "SliceSampler",
     "SliceTable",
     "StreamingSource",
@@ -199,3 +203,155 @@ class StreamingSource:
     def close(self) -> None:
         self.assembler.shutdown(wait=True, cancel_futures=True)
         self.readers.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _RoiCase:
+    """One case's region around its liver, resident: relative image and labels."""
+
+    image: torch.Tensor  # (Z', Y', X') float32, liver-relative
+    label: torch.Tensor  # (Z', Y', X') int64
+    region: Box  # where the tensors lie in the stored case (its grid)
+    roi: Box  # the liver box plus margin, in the same stored indices
+    tumour_yx: list[np.ndarray]  # per ROI slice: (N, 2) stored (y, x) of tumour voxels
+
+
+class RoiSource:
+    """Tumour-stage batches: 2.5D crops inside (jittered) liver ROIs, liver-relative.
+
+    Every case of ``table`` is held in memory around its liver: the ground-truth liver's
+    bounding box grown by ``roi_margin_mm``, with room for the jitter and half a crop on
+    every side. A row (case, z) of the table is one ROI slice. Its crop is centred on a
+    tumour voxel (tumour rows) or on a point of the ROI whose edges are shifted by up to
+    ``roi_jitter_mm`` (stage 1's ROI is never exact), then cut to ``crop_size``; outside
+    the stored slice it is air. Random draws come from ``rng``, the sampler's generator,
+    so a checkpoint that saves the sampler resumes the same crops.
+    """
+
+    def __init__(
+        self,
+        store: SliceStore,
+        table: SliceTable,
+        cfg: TrainConfig,
+        device: torch.device,
+        rng: np.random.Generator,
+        cases: dict[str, _RoiCase],
+    ) -> None:
+        self.table, self.cfg, self.device, self.rng = table, cfg, device, rng
+        self.cases = [cases[c] for c in table.case_ids]
+        self.spacing = [store.case(c).meta.spacing for c in table.case_ids]
+
+    @staticmethod
+    def prepare(
+        store: SliceStore, case_ids: list[str], cfg: TrainConfig, device: torch.device
+    ) -> tuple[SliceTable, dict[str, _RoiCase]]:
+        """The ROI slices of the cases with liver, as a table, and their resident regions."""
+        prepared: dict[str, _RoiCase] = {}
+        rows: list[tuple[int, int, int, bool, bool]] = []
+        kept: list[str] = []
+        for case_id in case_ids:
+            case = _roi_case(store, case_id, cfg, device)
+            if case is None:
+                continue
+            index = len(kept)
+            kept.append(case_id)
+            prepared[case_id] = case
+            depth = case.roi.z1 - case.roi.z0
+            for i, yx in enumerate(case.tumour_yx):
+                rows.append((index, case.roi.z0 + i, depth, True, len(yx) > 0))
+        if not rows:
+            raise ValueError("no train case has liver: the tumour stage has nothing to learn")
+        cols = list(zip(*rows, strict=True))
+        table = SliceTable(
+            tuple(kept),
+            np.asarray(cols[0], np.int32),
+            np.asarray(cols[1], np.int32),
+            np.asarray(cols[2], np.int32),
+            np.asarray(cols[3], bool),
+            np.asarray(cols[4], bool),
+        )
+        return table, prepared
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, k, h, w) float32 (liver-relative) and labels (B, h, w) int64."""
+        crops = [self._crop(int(r)) for r in rows]
+        images = torch.stack([c[0] for c in crops])
+        labels = torch.stack([c[1] for c in crops])
+        return images, labels
+
+    def _crop(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case = self.cases[self.table.case[row]]
+        z = int(self.table.z[row])
+        h, w = self.cfg.crop_size
+        tumour = case.tumour_yx[z - case.roi.z0]
+        if len(tumour) and self.table.tumour[row]:
+            cy, cx = tumour[self.rng.integers(0, len(tumour))]
+            cy, cx = (
+                cy + self.rng.integers(-h // 4, h // 4 + 1),
+                cx + self.rng.integers(-w // 4, w // 4 + 1),
+            )
+        else:
+            _, jy, jx = margin_voxels(self.cfg.roi_jitter_mm, self.spacing[self.table.case[row]])
+            y0, y1 = (
+                case.roi.y0 + self.rng.integers(-jy, jy + 1),
+                case.roi.y1 + self.rng.integers(-jy, jy + 1),
+            )
+            x0, x1 = (
+                case.roi.x0 + self.rng.integers(-jx, jx + 1),
+                case.roi.x1 + self.rng.integers(-jx, jx + 1),
+            )
+            cy = self.rng.integers(min(y0, y1 - 1), max(y0, y1 - 1) + 1)
+            cx = self.rng.integers(min(x0, x1 - 1), max(x0, x1 - 1) + 1)
+        k = self.cfg.context_slices
+        zs = np.clip(np.arange(z - k // 2, z + k // 2 + 1), case.region.z0, case.region.z1 - 1)
+        box = Box(
+            0, 1, int(cy) - h // 2, int(cy) - h // 2 + h, int(cx) - w // 2, int(cx) - w // 2 + w
+        )
+        local = Box(
+            0,
+            1,
+            box.y0 - case.region.y0,
+            box.y1 - case.region.y0,
+            box.x0 - case.region.x0,
+            box.x1 - case.region.x0,
+        )
+        inside = local.clip((1, *case.image.shape[1:]))
+        image = torch.full((k, h, w), float(case.image.min()), device=self.device)
+        label = torch.zeros((h, w), dtype=torch.long, device=self.device)
+        dst = (
+            slice(inside.y0 - local.y0, inside.y1 - local.y0),
+            slice(inside.x0 - local.x0, inside.x1 - local.x0),
+        )
+        src = (slice(inside.y0, inside.y1), slice(inside.x0, inside.x1))
+        if inside.y1 > inside.y0 and inside.x1 > inside.x0:
+            image[(slice(None), *dst)] = case.image[(torch.as_tensor(zs - case.region.z0), *src)]
+            label[dst] = case.label[(z - case.region.z0, *src)]
+        return image, label
+
+
+def _roi_case(
+    store: SliceStore, case_id: str, cfg: TrainConfig, device: torch.device
+) -> _RoiCase | None:
+    stored = store.case(case_id)
+    image, label = stored.load()
+    box = liver_box(label > 0)
+    if box is None:
+        return None
+    spacing = stored.meta.spacing
+    roi = grow(box, margin_voxels(cfg.roi_margin_mm, spacing)).clip(label.shape)
+    _, jy, jx = margin_voxels(cfg.roi_jitter_mm, spacing)
+    room = (cfg.context_slices // 2, jy + cfg.crop_size[0] // 2 + 1, jx + cfg.crop_size[1] // 2 + 1)
+    region = grow(roi, room).clip(label.shape)
+    t = stored.meta.intensity
+    decoded = image[region.slices].astype(np.float32) * t.stored_scale + t.stored_offset
+    labels = label[region.slices]
+    median = liver_median(decoded, labels > 0)
+    rel = relative(decoded, median, t.hu_scale / cfg.relative_window_hu)
+    tumour_yx = [np.argwhere(label[z] == Label.TUMOUR) for z in range(roi.z0, roi.z1)]
+    return _RoiCase(
+        torch.from_numpy(rel).to(device),
+        torch.from_numpy(labels.astype(np.int64)).to(device),
+        region,
+        roi,
+        tumour_yx,
+    )

@@ -26,9 +26,11 @@ __all__ = [
     "IngestConfig",
     "PreprocessConfig",
     "Settings",
+    "Stage",
     "StoreConfig",
     "SynthConfig",
     "TrainConfig",
+    "TumourConfig",
     "load_settings",
 ]
 
@@ -158,16 +160,69 @@ class AugmentConfig(_Frozen):
     flip_probability: float = Field(0.5, ge=0, le=1, description="Chance of each flip.")
 
 
-class TrainConfig(_Frozen):
-    """Training of one model (``liverpipe train``)."""
+Stage = Literal["liver", "tumour"]
 
+
+class TrainConfig(_Frozen):
+    """Training of one model of one stage (``liverpipe train``).
+
+    ``[train]`` configures stage 1 (the liver, on whole slices read downsampled),
+    ``[tumour]`` stage 2 (liver and tumour inside the liver's bounding box at the store's
+    full in-plane resolution). Both sections take every field; each stage uses its own.
+    """
+
+    stage: Stage = Field(
+        "liver",
+        description="liver: whole slices, coarse (stage 1); tumour: crops of the liver's "
+        "bounding box at full resolution (stage 2). Set by the section.",
+    )
     model: str = Field("unetplusplus", description="unetplusplus, manet or deeplabv3plus.")
     encoder: str = Field("resnet34", description="smp encoder name.")
     encoder_weights: str | None = Field(
         None, description="None (default, offline) or e.g. 'imagenet' if cached locally."
     )
+    encoder_depth: int = Field(
+        5, ge=3, le=5, description="Encoder stages (smp encoder_depth); fewer is faster."
+    )
+    decoder_width: int = Field(
+        256,
+        ge=16,
+        description="Decoder channels at its deepest level (smp's default 256); halved at "
+        "each finer level for UNet++ and MAnet.",
+    )
     context_slices: int = Field(3, ge=1, description="k adjacent slices as channels (odd).")
-    steps: int = Field(2000, ge=1, description="Optimiser steps.")
+    steps: int = Field(2000, ge=1, description="Optimiser steps (unless epochs is set).")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Training length in epochs over the train split (its slices; for the "
+        "tumour stage, its slices inside the liver's bounding box); overrides steps.",
+    )
+    downsample: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Liver stage: slices are read averaged down by this factor on the "
+        "device (the store keeps the fine grid for the tumour stage).",
+    )
+    crop_size: tuple[int, int] = Field(
+        (96, 96), description="Tumour stage: (Y, X) training crop inside the liver ROI."
+    )
+    roi_margin_mm: float = Field(
+        10.0, ge=0, description="Tumour stage: margin around the liver's bounding box (mm)."
+    )
+    roi_jitter_mm: float = Field(
+        10.0,
+        ge=0,
+        description="Tumour stage: random shift of the training ROI's edges (mm), so that "
+        "training crops look like the ROIs an imperfect stage 1 gives.",
+    )
+    relative_window_hu: float = Field(
+        150.0,
+        gt=0,
+        description="Tumour stage: input is (HU - liver median HU) / this, so tumours keep "
+        "their contrast to the liver whatever its enhancement.",
+    )
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -181,7 +236,9 @@ class TrainConfig(_Frozen):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     resident: Literal["auto", "always", "never"] = Field(
-        "auto", description="Keep the train split in device memory (auto: on CUDA if it fits)."
+        "auto",
+        description="Keep the train split in device memory (auto: when it fits "
+        "resident_budget_gb), or stream it from the store.",
     )
     resident_budget_gb: float = Field(8.0, gt=0)
     stream_threads: int = Field(4, ge=1, description="Reader threads in streaming mode.")
@@ -193,9 +250,21 @@ class TrainConfig(_Frozen):
     def _check(self) -> TrainConfig:
         if self.context_slices % 2 == 0:
             raise ValueError("context_slices must be odd")
+        if min(self.crop_size) < 32 or any(c % 32 for c in self.crop_size):
+            raise ValueError("crop_size must be multiples of 32 (the encoders' stride)")
         if sum(self.oversample) > 1:
             raise ValueError("oversample fractions must sum to at most 1")
         return self
+
+
+class TumourConfig(TrainConfig):
+    """Training of the tumour stage (``[tumour]``): the same fields as ``[train]``, with
+    the defaults of stage 2 (tumour slices oversampled; no whole-slice downsampling)."""
+
+    stage: Stage = Field("tumour", description="Always tumour in this section.")
+    oversample: tuple[float, float] = Field(
+        (0.5, 0.0), description="Batch fractions drawn from tumour slices and liver slices."
+    )
 
 
 class IngestConfig(_Frozen):
@@ -217,6 +286,12 @@ class EvaluateConfig(_Frozen):
         "lits scores 1 when nothing is predicted and 0 otherwise (the LiTS convention); "
         "exclude leaves the case out of the class's means (undefined).",
     )
+    max_train_cases: int = Field(
+        0,
+        ge=0,
+        description="Score at most this many train cases (the first by case id; 0: all). "
+        "Scoring on native grids costs seconds per case; the report says how many were used.",
+    )
 
 
 class Settings(_Frozen):
@@ -227,8 +302,19 @@ class Settings(_Frozen):
     preprocess: PreprocessConfig = PreprocessConfig()
     store: StoreConfig = StoreConfig()
     train: TrainConfig = TrainConfig()
+    tumour: TumourConfig = TumourConfig()
     ingest: IngestConfig = IngestConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _stages(self) -> Settings:
+        if self.train.stage != "liver" or self.tumour.stage != "tumour":
+            raise ValueError("[train] is the liver stage and [tumour] the tumour stage")
+        return self
+
+    def stage(self, stage: Stage) -> TrainConfig:
+        """The training config of one stage: ``[train]`` (liver) or ``[tumour]``."""
+        return self.train if stage == "liver" else self.tumour
 
     def config_hash(self, section: str) -> str:
         """sha256 of one section's canonical JSON, for provenance records."""

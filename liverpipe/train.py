@@ -22,33 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
 from liverpipe.augment import augment_batch
-from liverpipe.errors import LiverpipeError
-from liverpipe.metrics import case_counts, case_dice, pooled_score
+from liverpipe.errors import ConfigError, LiverpipeError
+from liverpipe.inference import STRIDE
 from liverpipe.models import build_model
-from liverpipe.sampling import (
-    ResidentSource,
-    SliceSampler,
-    SliceTable,
-    StreamingSource,
-    decode_scale,
-    volume_batches,
+from liverpipe.sampling import SliceSampler, SliceTable, StreamingSource
+from liverpipe.settings import Settings, Stage, TrainConfig, load_settings
+from liverpipe.stages import (
+    Source,
+    make_source,
+    prepare_batch,
+    resolve_steps,
+    stage_table,
+    tune_threshold,
+    validate,
 )
-from liverpipe.settings import Settings, TrainConfig, load_settings
 from storage import SliceStore
 
-__all__ = [
-    "CheckpointMismatchError",
-    "TrainResult",
-    "lr_factor",
-    "predict_volume",
-    "train",
-    "validate",
-]
+__all__ = ["CheckpointMismatchError", "TrainResult", "lr_factor", "train"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,6 +50,7 @@ _log = logging.getLogger(__name__)
 RUNTIME_FIELDS = frozenset(
     {
         "steps",
+        "epochs",
         "val_every",
         "log_every",
         "resident",
@@ -126,52 +121,10 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def predict_volume(
-    model: torch.nn.Module, image: np.ndarray, k: int, device: torch.device, batch: int = 16
-) -> np.ndarray:
-    """Argmax labels (Z, Y, X) uint8 of a normalised (Z, Y, X) volume, 2.5D slice by slice."""
-    model.eval()
-    out = np.empty(image.shape, dtype=np.uint8)
-    for start, stacks in volume_batches(image, k, device, batch):
-        logits = model(stacks)
-        out[start : start + len(stacks)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-    return out
-
-
-def validate(
-    model: torch.nn.Module, store: SliceStore, case_ids: list[str], k: int, device: torch.device
-) -> dict[str, Any]:
-    """Validation on the stored grid: Dice pooled over ``case_ids`` per class, and
-    ``score``, their mean over the classes present (:func:`~liverpipe.metrics.pooled_score`),
-    which picks ``best.pt``. Per-case Dice (NaN where a class is absent from both) is kept
-    for the record."""
-    cases, counts = {}, []
-    for case_id in case_ids:
-        image, label = store.case(case_id).load()
-        scale, offset = decode_scale(store, case_id)
-        pred = predict_volume(model, image.astype(np.float32) * scale + offset, k, device)
-        cases[case_id] = case_dice(pred, label)
-        counts.append(case_counts(pred, label))
-    pooled = pooled_score(counts)
-    return {
-        "score": pooled["score"],
-        "liver_dice": pooled["liver"],
-        "tumour_dice": pooled["tumour"],
-        "cases": cases,
-    }
-
-
 class _BatchStream:
     """Batches in sampler order; ``sampler_state`` is the state before the next batch."""
 
-    def __init__(
-        self,
-        sampler: SliceSampler,
-        source: ResidentSource | StreamingSource,
-        batch: int,
-        ahead: int,
-    ) -> None:
+    def __init__(self, sampler: SliceSampler, source: Source, batch: int, ahead: int) -> None:
         self.sampler, self.source, self.batch = sampler, source, batch
         self.states: deque[dict[str, object]] = deque()
         self.ahead = ahead if isinstance(source, StreamingSource) else 0
@@ -184,7 +137,7 @@ class _BatchStream:
         self.source.submit(self.sampler.draw(self.batch))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.source, ResidentSource):
+        if not isinstance(self.source, StreamingSource):
             return self.source.batch(self.sampler.draw(self.batch))
         batch = self.source.next()  # consume first: the read-ahead queue is bounded
         self.states.popleft()
@@ -245,19 +198,6 @@ class _Dist:
             torch.distributed.barrier()
 
 
-def _source(
-    cfg: TrainConfig, store: SliceStore, table: SliceTable, device: torch.device
-) -> ResidentSource | StreamingSource:
-    bytes_needed = sum(int(np.prod(store.case(c).meta.shape)) * 3 for c in table.case_ids)
-    fits = bytes_needed < cfg.resident_budget_gb * 1e9
-    resident = cfg.resident == "always" or (
-        cfg.resident == "auto" and device.type == "cuda" and fits
-    )
-    if resident:
-        return ResidentSource(store, table, cfg.context_slices, device)
-    return StreamingSource(store, table, cfg.context_slices, cfg.stream_threads, cfg.prefetch)
-
-
 @dataclass
 class _Run:
     """Everything that changes while training, and what a checkpoint restores."""
@@ -273,11 +213,16 @@ class _Run:
 
 def _build(cfg: TrainConfig, table: SliceTable, device: torch.device, dist: _Dist) -> _Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, cfg.encoder, cfg.context_slices, 3, cfg.encoder_weights).to(
-        device
-    )
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(
+        cfg.model,
+        cfg.encoder,
+        cfg.context_slices,
+        3,
+        cfg.encoder_weights,
+        cfg.encoder_depth,
+        cfg.decoder_width,
+    ).to(device)
+    model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
     sampler = SliceSampler(table, cfg.oversample, cfg.seed + 1000 * dist.rank)
@@ -325,9 +270,9 @@ def _one_step(
     losses: tuple[Any, Any],
 ) -> float:
     device = images.device
+    images, labels = prepare_batch(images, labels, cfg)
     images, labels = augment_batch(images, labels, cfg.augment, run.gen)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = fwd(images).float()
     loss = losses[0](logits, labels) + losses[1](logits, labels)
@@ -347,13 +292,15 @@ def train(
     settings: Settings,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    stage: Stage = "liver",
 ) -> TrainResult:
-    """Train ``settings.train.model`` on the store's train split into ``run_dir``.
+    """Train one stage of ``settings``' model (``[train]`` for the liver stage,
+    ``[tumour]`` for the tumour stage) on the store's train split into ``run_dir``.
 
     Under ``torchrun`` (DDP: NCCL on CUDA, gloo on the CPU) each rank draws its own
     batches of ``batch_size``; rank 0 validates and writes every file.
     """
-    cfg = settings.train
+    cfg = settings.stage(stage)
     dist = _Dist.from_env()
     store = SliceStore.open(store_path)
     train_ids, val_ids = store.cases("train"), store.cases("val")
@@ -370,7 +317,9 @@ def train(
             "keeps last.pt only. Fix: preprocess 3 or more cases (one goes to val).",
             store_path,
         )
-    table = SliceTable.from_store(store, train_ids)
+    _check_sizes(store, cfg)
+    table, prepared = stage_table(store, train_ids, cfg, device)
+    cfg = cfg.model_copy(update={"steps": resolve_steps(cfg, len(table), dist.world)})
     run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +336,8 @@ def train(
             "store_config_hash": identity["store_config_hash"],
             "store_config": store.meta.config,  # how to preprocess a new scan for this model
             "world_size": dist.world,
+            "stage": stage,
+            "steps": cfg.steps,
         }
         (run_dir / "config.json").write_text(json.dumps(record, indent=2))
     losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
@@ -397,9 +348,8 @@ def train(
         )
     if cfg.compile and device.type == "cuda":
         fwd = torch.compile(fwd)  # type: ignore[assignment]
-    stream = _BatchStream(
-        run.sampler, _source(cfg, store, table, device), cfg.batch_size, cfg.prefetch
-    )
+    source = make_source(cfg, store, table, prepared, run.sampler, device)
+    stream = _BatchStream(run.sampler, source, cfg.batch_size, cfg.prefetch)
     try:
         loss = _loop(
             run, fwd, stream, cfg, losses, store, val_ids, run_dir, identity, dist, on_step
@@ -407,6 +357,10 @@ def train(
     finally:
         stream.close()
     best = run.best if run.best >= 0 else math.nan
+    threshold: float | None = None
+    candidates: dict[str, float] = {}
+    if dist.main and stage == "tumour" and val_ids:
+        threshold, candidates = _tune(run, run_dir, store, val_ids, cfg)
     if dist.main:
         (run_dir / "result.json").write_text(
             _json_line(
@@ -414,6 +368,9 @@ def train(
                     "steps": run.step,
                     "best_score": best,
                     "last_loss": loss,
+                    "stage": stage,
+                    "tumour_threshold": threshold,
+                    "thresholds_tried": candidates,
                     "checkpoint": "best.pt" if val_ids else "last.pt",
                     "selection": (
                         f"best.pt: highest validation score over {len(val_ids)} val case(s)"
@@ -424,6 +381,31 @@ def train(
             )
         )
     return TrainResult(run_dir, run.step, best, loss)
+
+
+def _tune(
+    run: _Run, run_dir: Path, store: SliceStore, val_ids: list[str], cfg: TrainConfig
+) -> tuple[float | None, dict[str, float]]:
+    """The tumour threshold of the checkpoint that predicts (best.pt), tuned on val."""
+    device = next(run.model.parameters()).device
+    best = run_dir / "best.pt"
+    if best.is_file():
+        run.model.load_state_dict(load_checkpoint(best)["model"])
+    return tune_threshold(run.model, store, val_ids, cfg, device)
+
+
+def _check_sizes(store: SliceStore, cfg: TrainConfig) -> None:
+    """The liver stage's downsampled slices must suit the encoders' stride."""
+    size = store.meta.config.get("preprocess", {}).get("slice_size", [0, 0])
+    unit = cfg.downsample * STRIDE
+    if cfg.stage == "liver" and any(int(s) % unit for s in size):
+        raise ConfigError(
+            store.root,
+            f"the store's slices are {size[0]} x {size[1]}, which [train] downsample = "
+            f"{cfg.downsample} cannot average down to a multiple of {STRIDE}",
+            f"use a downsample that divides the slice size into multiples of {STRIDE}, or "
+            f"preprocess with slice_size a multiple of {unit}",
+        )
 
 
 def _loop(
@@ -496,11 +478,7 @@ def _validate_and_save(
     history: Any,
 ) -> None:
     device = next(run.model.parameters()).device
-    metrics = (
-        validate(run.model, store, val_ids, cfg.context_slices, device)
-        if val_ids and dist.main
-        else None
-    )
+    metrics = validate(run.model, store, val_ids, cfg, device) if val_ids and dist.main else None
     # Without val cases nothing can pick a best checkpoint: last.pt is the model.
     score = metrics["score"] if metrics else math.nan
     improved = not math.isnan(score) and score > run.best
@@ -526,19 +504,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--settings", type=Path, help="Resolved settings as JSON (train-all).")
+    parser.add_argument("--stage", choices=("liver", "tumour"), default="liver")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    section = "train" if args.stage == "liver" else "tumour"
     if args.settings is not None:
         settings = Settings.model_validate_json(args.settings.read_text())
     else:
         settings = load_settings(
             args.config,
-            {"train": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
+            {section: {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
         )
     try:
-        result = train(args.store, args.out, settings, args.resume)
+        result = train(args.store, args.out, settings, args.resume, stage=args.stage)
         if _Dist.from_env().main:
-            print(f"trained {settings.train.model} for {result.steps} steps into {args.out}")
+            model = settings.stage(args.stage).model
+            print(f"trained {model} ({args.stage}) for {result.steps} steps into {args.out}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

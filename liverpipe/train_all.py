@@ -1,9 +1,12 @@
-"""Train the three architectures: in this process one after another, or one per GPU.
+"""Train both stages of the three architectures: here one after another, or one per GPU.
 
-With several GPUs each model runs in its own ``python -m liverpipe.train`` process pinned
-to one device (``CUDA_VISIBLE_DEVICES``), at most one model per GPU at a time; the
-resolved settings travel as JSON, so a child trains with exactly the parent's config.
-A model that fails does not stop the others; its error (and log file) is reported.
+Each architecture gets ``RUNS/<model>/liver`` (stage 1) and ``RUNS/<model>/tumour``
+(stage 2); the stages train independently (stage 2 reads the ground-truth liver's ROI),
+so the six jobs can run in any order. With several GPUs each job runs in its own
+``python -m liverpipe.train`` process pinned to one device (``CUDA_VISIBLE_DEVICES``), at
+most one job per GPU at a time; the resolved settings travel as JSON, so a child trains
+with exactly the parent's config. A job that fails does not stop the others; its error
+(and log file) is reported.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import torch
 
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import MODELS
-from liverpipe.settings import Settings
+from liverpipe.settings import Settings, Stage
 from liverpipe.train import TrainResult, train
 
-__all__ = ["ModelOutcome", "parse_gpus", "read_result", "train_all", "visible_gpus"]
+__all__ = ["STAGES", "ModelOutcome", "parse_gpus", "read_result", "train_all", "visible_gpus"]
+
+#: The stages train-all trains for each model, in order.
+STAGES: tuple[Stage, ...] = ("liver", "tumour")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class ModelOutcome:
     result: TrainResult | None
     error: str | None = None
     device: str = "this process"
+    stage: Stage = "liver"
+
+    @property
+    def job(self) -> str:
+        return f"{self.model} {self.stage}"
 
 
 def visible_gpus() -> list[str]:
@@ -77,23 +88,26 @@ def train_all(
     models: Sequence[str] = tuple(MODELS),
     on_done: Callable[[ModelOutcome], None] | None = None,
     on_start: Callable[[str], Callable[[int, float], None]] | None = None,
+    stages: Sequence[Stage] = STAGES,
 ) -> list[ModelOutcome]:
-    """Train each model into ``runs_dir/<model>/``; in parallel when ``gpus`` has 2 or more.
+    """Train each model's stages into ``runs_dir/<model>/<stage>/``; in parallel when
+    ``gpus`` has 2 or more.
 
-    ``gpus`` defaults to every visible CUDA device. Outcomes come back in ``models`` order.
-    ``on_start(model)`` may return a per-step callback (``on_step``) for models trained in
-    this process; models in their own processes report through ``train.log``.
+    ``gpus`` defaults to every visible CUDA device. Outcomes come back in (model, stage)
+    order. ``on_start("<model> <stage>")`` may return a per-step callback (``on_step``)
+    for jobs trained in this process; jobs in their own processes report through
+    ``train.log``.
     """
     gpus = visible_gpus() if gpus is None else list(gpus)
-    per_model = {
-        m: settings.model_copy(update={"train": settings.train.model_copy(update={"model": m})})
-        for m in models
-    }
+    per_model = {m: _for_model(settings, m) for m in models}
+    jobs = [(m, stage) for m in models for stage in stages]
     if len(gpus) < 2:
         outcomes = []
-        for name in models:
-            on_step = on_start(name) if on_start else None
-            outcome = _train_here(store_path, runs_dir / name, per_model[name], resume, on_step)
+        for name, stage in jobs:
+            on_step = on_start(f"{name} {stage}") if on_start else None
+            outcome = _train_here(
+                store_path, runs_dir / name / stage, per_model[name], resume, on_step, stage
+            )
             if on_done:
                 on_done(outcome)
             outcomes.append(outcome)
@@ -102,10 +116,13 @@ def train_all(
     for gpu in gpus:
         free.put(gpu)
 
-    def one(name: str) -> ModelOutcome:
+    def one(job: tuple[str, Stage]) -> ModelOutcome:
+        name, stage = job
         gpu = free.get()
         try:
-            outcome = _train_child(store_path, runs_dir / name, per_model[name], resume, gpu)
+            outcome = _train_child(
+                store_path, runs_dir / name / stage, per_model[name], resume, gpu, stage
+            )
         finally:
             free.put(gpu)
         if on_done:
@@ -113,7 +130,17 @@ def train_all(
         return outcome
 
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
-        return list(pool.map(one, models))
+        return list(pool.map(one, jobs))
+
+
+def _for_model(settings: Settings, model: str) -> Settings:
+    """The settings with both stages set to ``model``."""
+    return settings.model_copy(
+        update={
+            "train": settings.train.model_copy(update={"model": model}),
+            "tumour": settings.tumour.model_copy(update={"model": model}),
+        }
+    )
 
 
 def _train_here(
@@ -122,18 +149,20 @@ def _train_here(
     settings: Settings,
     resume: bool,
     on_step: Callable[[int, float], None] | None,
+    stage: Stage,
 ) -> ModelOutcome:
-    name = settings.train.model
+    name = settings.stage(stage).model
     try:
-        return ModelOutcome(name, run_dir, train(store_path, run_dir, settings, resume, on_step))
+        result = train(store_path, run_dir, settings, resume, on_step, stage)
+        return ModelOutcome(name, run_dir, result, stage=stage)
     except Exception as err:  # one model's failure must not stop the others
-        return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}")
+        return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}", stage=stage)
 
 
 def _train_child(
-    store_path: Path, run_dir: Path, settings: Settings, resume: bool, gpu: str
+    store_path: Path, run_dir: Path, settings: Settings, resume: bool, gpu: str, stage: Stage
 ) -> ModelOutcome:
-    name = settings.train.model
+    name = settings.stage(stage).model
     run_dir.mkdir(parents=True, exist_ok=True)
     settings_file = run_dir / "settings.json"
     settings_file.write_text(settings.model_dump_json(indent=2))
@@ -148,6 +177,8 @@ def _train_child(
         str(run_dir),
         "--settings",
         str(settings_file),
+        "--stage",
+        stage,
     ]
     if resume:
         cmd.append("--resume")
@@ -161,6 +192,6 @@ def _train_child(
     if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
         return ModelOutcome(
-            name, run_dir, None, f"exit code {code}: {tail[0]} (full log: {log})", device
+            name, run_dir, None, f"exit code {code}: {tail[0]} (full log: {log})", device, stage
         )
-    return ModelOutcome(name, run_dir, read_result(run_dir), None, device)
+    return ModelOutcome(name, run_dir, read_result(run_dir), None, device, stage)

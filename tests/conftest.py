@@ -90,12 +90,15 @@ def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three models trained 20 steps on the tiny store (configs/tiny.toml): RUNS/<model>."""
+    """Both stages of the three models trained 20 steps on the tiny store (configs/tiny.toml):
+    RUNS/<model>/liver and RUNS/<model>/tumour."""
     from liverpipe.settings import load_settings
     from liverpipe.train_all import train_all
 
     runs = tmp_path_factory.mktemp("runs")
-    settings = load_settings(REPO / "configs" / "tiny.toml", {"train": {"steps": 20}})
+    settings = load_settings(
+        REPO / "configs" / "tiny.toml", {"train": {"steps": 20}, "tumour": {"steps": 20}}
+    )
     outcomes = train_all(tiny_store, runs, settings, gpus=[])
     assert all(o.result is not None for o in outcomes), [o.error for o in outcomes]
     return runs

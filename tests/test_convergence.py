@@ -20,10 +20,11 @@ from conftest import REPO
 from liverpipe.metrics import dice
 from liverpipe.models import build_model
 from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.predict import Predictor, load_run, predict_path
+from liverpipe.predict import Predictor, load_cascade, predict_path
 from liverpipe.settings import Settings, load_settings
+from liverpipe.stages import validate
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train import load_checkpoint, train, validate
+from liverpipe.train import load_checkpoint, train
 from storage import SliceStore
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,10 @@ def test_overfits_the_real_ct(real_ct: tuple[Path, Path], tmp_path: Path) -> Non
     assert summary.failed == {}
     store = SliceStore.open(tmp_path / "store.zarr")
     model = _trained(tmp_path / "store.zarr", tmp_path / "run", settings)
-    scores = validate(model, store, store.cases("train"), 3, CPU)
+    scores = validate(model, store, store.cases("train"), settings.train, CPU)
     assert scores["liver_dice"] >= 0.9, scores
     # Predicting the scan writes a mask that overlays it: its grid, and the liver in place.
-    predict_path(Predictor([load_run(tmp_path / "run")]), ct, tmp_path / "mask.nii.gz")
+    predict_path(Predictor([load_cascade(tmp_path / "run")]), ct, tmp_path / "mask.nii.gz")
     mask, scan, truth = (nib.load(p) for p in (tmp_path / "mask.nii.gz", ct, liver))
     assert mask.shape == scan.shape and np.array_equal(mask.affine, scan.affine)
     native = dice(np.asarray(mask.dataobj) > 0, np.asarray(truth.dataobj) > 0)
@@ -99,7 +100,7 @@ def test_learns_liver_on_held_out_phantoms(tmp_path: Path) -> None:
     test_ids = store.cases("test")
     assert len(test_ids) >= 2 and not set(test_ids) & set(store.cases("train"))
     model = _trained(tmp_path / "store.zarr", tmp_path / "run", settings)
-    scores = validate(model, store, test_ids, 3, CPU)
+    scores = validate(model, store, test_ids, settings.train, CPU)
     assert scores["liver_dice"] >= 0.9, scores
 
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO
 
 from liverpipe.evaluate import evaluate
-from liverpipe.metrics import class_masks, dice
+from liverpipe.metrics import class_masks, overlap
 from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.predict import Predictor, load_run, predict_path
+from liverpipe.predict import Predictor, load_cascade, predict_path
 from liverpipe.settings import load_settings
 from liverpipe.train import CheckpointMismatchError
 from storage import SliceStore
@@ -97,7 +97,9 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     html = (report / "report.html").read_text()
     assert "[lits] LiTS convention" in html  # the empty rule in force is printed
     assert metrics["empty_rule_name"] == "lits"
-    assert set(metrics["checkpoint_selection"]) == set(MODELS) - {"ensemble"}
+    assert {k.split("/")[0] for k in metrics["checkpoint_selection"]} == set(MODELS) - {"ensemble"}
+    assert metrics["stage1"] == [f"{m} stage 1" for m in table["columns"]]
+    assert "stage 1" in html and "cascade" in html
     markdown = (report / "report.md").read_text()
     splits = {r["split"] for r in table["rows"]}
     assert markdown.count(" | Dice (liver) | ") == len(splits)
@@ -111,16 +113,18 @@ def test_every_case_is_scored_for_every_model_with_sane_values(
     metrics = json.loads((report / "metrics.json").read_text())
     store = SliceStore.open(tiny_store)
     expected = {c for s in ("train", "val", "test") for c in store.cases(s)}
-    for model in MODELS:
+    headline = set(store.cases("test"))  # stage 1 alone is scored where the headline looks
+    for model in [*MODELS, *metrics["stage1"]]:
         rows = [c for c in metrics["cases"] if c["model"] == model]
-        assert {r["case_id"] for r in rows} == expected
+        assert {r["case_id"] for r in rows} == (headline if "stage 1" in model else expected)
         for row in rows:
             assert 0 <= row["pixel_accuracy"] <= 1 and row["loss"] > 0
             for cls in ("liver", "tumour"):
                 d = row["classes"][cls]["dice"]
                 assert d is None or 0 <= d <= 1
     for model, per in metrics["aggregates"].items():
-        assert sum(agg["cases"] for agg in per.values()) == len(expected), model
+        scored = headline if "stage 1" in model else expected
+        assert sum(agg["cases"] for agg in per.values()) == len(scored), model
 
 
 def test_evaluation_scores_what_predict_writes(
@@ -133,12 +137,14 @@ def test_evaluation_scores_what_predict_writes(
     result = evaluate(tiny_store, tiny_runs, ["train"])
     row = next(c for c in result.cases if c["case_id"] == case_id and c["model"] == "manet")
     predict_path(
-        Predictor([load_run(tiny_runs / "manet")]), Path(meta.source_image), tmp_path / "m.nii.gz"
+        Predictor([load_cascade(tiny_runs / "manet")]),
+        Path(meta.source_image),
+        tmp_path / "m.nii.gz",
     )
     mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj)
     truth = np.asarray(nib.load(meta.source_label).dataobj).astype(np.uint8)
     for cls in ("liver", "tumour"):
-        expected = dice(class_masks(mask)[cls], class_masks(truth)[cls])
+        expected = overlap(class_masks(mask)[cls], class_masks(truth)[cls])["dice"]  # LiTS rule
         got = row["classes"][cls]["dice"]
         assert (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(
             expected, abs=1e-9

@@ -26,7 +26,7 @@ import pytest
 from liverpipe.dataset import CaseFiles
 from liverpipe.errors import LiverpipeError
 from liverpipe.inference import prepare_scan
-from liverpipe.predict import Predictor, load_run
+from liverpipe.predict import Predictor, load_cascade
 from liverpipe.settings import CheckConfig, PreprocessConfig
 from liverpipe.validate import check_case
 
@@ -113,7 +113,7 @@ def test_corrupted_files_raise_only_liverpipe_errors(
     sources: list[bytes], tmp_path: Path, tiny_runs: Path
 ) -> None:
     config = PreprocessConfig(target_spacing=(5.0, 5.0, 5.0), slice_size=(64, 64))
-    predictor = Predictor([load_run(tiny_runs / "deeplabv3plus")])
+    predictor = Predictor([load_cascade(tiny_runs / "deeplabv3plus")])
     outcomes: Counter[str] = Counter()
     tracemalloc.start()
     try:

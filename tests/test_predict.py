@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from liverpipe.geometry import CanonicalGeometry
 from liverpipe.inference import native_labels, prepare_scan
 from liverpipe.measure import longest_axial_diameter, measure
 from liverpipe.nifti import case_id_of
-from liverpipe.predict import PostProcess, Predictor, load_run, predict_path
+from liverpipe.predict import (
+    Cascade,
+    PostProcess,
+    Predictor,
+    load_cascade,
+    load_run,
+    predict_path,
+)
 from liverpipe.preprocess import canonical_view, resample_label
 from liverpipe.settings import PreprocessConfig
 
@@ -51,7 +59,7 @@ def _reencode(
 
 @pytest.fixture(scope="module")
 def predictor(tiny_runs: Path) -> Predictor:
-    return Predictor([load_run(tiny_runs / "deeplabv3plus")])
+    return Predictor([load_cascade(tiny_runs / "deeplabv3plus")])
 
 
 def _world(mask_path: Path) -> np.ndarray:
@@ -236,36 +244,33 @@ def test_predict_cli_writes_the_good_mask_and_names_the_broken_scan(
     assert not (tmp_path / "out" / "a_broken.nii.gz").exists()
 
 
+def _with_flips(cascade: Cascade, axes: tuple[str, ...]) -> Cascade:
+    runs = []
+    for run in (cascade.liver, cascade.tumour):
+        assert run is not None
+        augment = run.train.augment.model_copy(update={"flip_axes": axes})
+        runs.append(replace(run, train=run.train.model_copy(update={"augment": augment})))
+    return replace(cascade, liver=runs[0], tumour=runs[1])
+
+
 def test_tta_averages_the_flips_the_model_trained_with(tiny_runs: Path) -> None:
-    run = load_run(tiny_runs / "manet")
-    assert run.train.augment.flip_axes == ("lr", "ap")
-    assert sorted(Predictor([run], tta=True).tta_flips) == [(), (2,), (2, 3), (3,)]
-    assert Predictor([run]).tta_flips == [()]
-    unflipped = replace(
-        run,
-        train=run.train.model_copy(
-            update={"augment": run.train.augment.model_copy(update={"flip_axes": ("lr",)})}
-        ),
-    )
-    assert Predictor([unflipped], tta=True).tta_flips == [(), (3,)]
-    none = replace(
-        run,
-        train=run.train.model_copy(
-            update={"augment": run.train.augment.model_copy(update={"flip_axes": ()})}
-        ),
-    )
+    cascade = load_cascade(tiny_runs / "manet")
+    assert cascade.liver.train.augment.flip_axes == ("lr", "ap")
+    assert sorted(Predictor([cascade], tta=True).tta_flips) == [(), (2,), (2, 3), (3,)]
+    assert Predictor([cascade]).tta_flips == [()]
+    assert Predictor([_with_flips(cascade, ("lr",))], tta=True).tta_flips == [(), (3,)]
     with pytest.raises(LiverpipeError, match="flips the model trained with"):
-        Predictor([none], tta=True)
+        Predictor([_with_flips(cascade, ())], tta=True)
 
 
 def test_ensemble_tta_and_post_processing_switches(
     phantom_dir: Path, tiny_runs: Path, tmp_path: Path
 ) -> None:
     scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
-    runs = [load_run(tiny_runs / m) for m in ("unetplusplus", "manet", "deeplabv3plus")]
-    plain, _ = Predictor(runs, post=PostProcess(False, False)).labels(scan)
-    cleaned, _ = Predictor(runs).labels(scan)
-    with_tta, _ = Predictor(runs, tta=True).labels(scan)
+    cascades = [load_cascade(tiny_runs / m) for m in ("unetplusplus", "manet", "deeplabv3plus")]
+    plain, _ = Predictor(cascades, post=PostProcess(False, False)).labels(scan)
+    cleaned, _ = Predictor(cascades).labels(scan)
+    with_tta, _ = Predictor(cascades, tta=True).labels(scan)
     assert plain.shape == cleaned.shape == with_tta.shape
     from liverpipe.metrics import class_masks
 
@@ -279,11 +284,38 @@ def test_ensemble_tta_and_post_processing_switches(
 def test_run_without_checkpoint_is_refused(tiny_runs: Path, tmp_path: Path) -> None:
     empty = tmp_path / "run"
     empty.mkdir()
-    (empty / "config.json").write_text((tiny_runs / "manet" / "config.json").read_text())
+    (empty / "config.json").write_text((tiny_runs / "manet" / "liver" / "config.json").read_text())
     with pytest.raises(LiverpipeError, match=r"no checkpoint .* Fix: let the training finish"):
         load_run(empty)
     with pytest.raises(LiverpipeError, match="not a training run folder"):
         load_run(tmp_path)
+
+
+def test_mismatched_stage_pairs_are_refused(tiny_runs: Path, tmp_path: Path) -> None:
+    """A tumour stage alone, swapped stages, and stages of different stores."""
+    with pytest.raises(LiverpipeError, match="tumour-stage run, which needs the liver stage"):
+        load_cascade(tiny_runs / "manet" / "tumour")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_runs / "manet" / "tumour", swapped / "liver")
+    with pytest.raises(LiverpipeError, match="liver/ folder holds a tumour-stage run"):
+        load_cascade(swapped)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_runs / "manet", foreign)
+    config = foreign / "tumour" / "config.json"
+    record = json.loads(config.read_text())
+    record["store_config_hash"] = "0123456789abcdef"
+    config.write_text(json.dumps(record))
+    with pytest.raises(LiverpipeError, match=r"another store than config\.json describes"):
+        load_cascade(foreign)
+    pair = load_cascade(tiny_runs / "manet")
+    assert pair.tumour is not None
+    other_store = replace(pair, tumour=replace(pair.tumour, store_config_hash="0123"))
+    with pytest.raises(LiverpipeError, match="store differs from the liver stage"):
+        Predictor([other_store])
+    liver_only = load_cascade(tiny_runs / "manet" / "liver")  # stage 1 alone is a model
+    assert liver_only.tumour is None
+    with pytest.raises(LiverpipeError, match="some models have a tumour stage"):
+        Predictor([liver_only, load_cascade(tiny_runs / "manet")])
 
 
 def test_measurements_of_known_lesions() -> None:

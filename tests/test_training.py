@@ -18,6 +18,7 @@ from liverpipe.train import CheckpointMismatchError, load_checkpoint, train
 from storage import SliceStore
 
 TINY = REPO / "configs" / "tiny.toml"
+CPU = torch.device("cpu")
 
 
 def _history(run: Path) -> list[dict]:
@@ -143,25 +144,24 @@ def test_without_val_cases_last_checkpoint_is_the_model(tiny_store: Path, tmp_pa
 
 
 def test_validation_score_is_pooled_over_the_val_cases(tiny_store: Path) -> None:
+    from liverpipe.inference import predict_probabilities
     from liverpipe.metrics import case_counts, pooled_score
     from liverpipe.models import build_model
-    from liverpipe.train import predict_volume, validate
+    from liverpipe.stages import validate
 
     store = SliceStore.open(tiny_store)
     model = build_model("deeplabv3plus", "resnet18", 3, 3)
     ids = store.cases()
-    scores = validate(model, store, ids, 3, torch.device("cpu"))
+    cfg = load_settings(TINY).train
+    scores = validate(model, store, ids, cfg, torch.device("cpu"))
     counts = []
     for case_id in ids:
         image, label = store.case(case_id).load()
         t = store.case(case_id).meta.intensity
-        pred = predict_volume(
-            model,
-            image.astype(np.float32) * t.stored_scale + t.stored_offset,
-            3,
-            torch.device("cpu"),
+        probs = predict_probabilities(
+            [model], image.astype(np.float32) * t.stored_scale + t.stored_offset, 3, CPU
         )
-        counts.append(case_counts(pred, label))
+        counts.append(case_counts(probs.argmax(0).astype(np.uint8), label))
     expected = pooled_score(counts)
     assert scores["score"] == expected["score"] and scores["tumour_dice"] == expected["tumour"]
     assert set(scores["cases"]) == set(ids)
@@ -267,7 +267,13 @@ def test_train_all_cli_trains_the_three_models(tiny_store: Path, tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     for name in ("unetplusplus", "manet", "deeplabv3plus"):
-        assert (tmp_path / name / "last.pt").is_file() and f"{name}: 2 steps" in result.stdout
+        for stage in ("liver", "tumour"):
+            assert (tmp_path / name / stage / "last.pt").is_file()
+            assert f"{name} {stage}: 2 steps" in result.stdout
+            record = json.loads((tmp_path / name / stage / "config.json").read_text())
+            assert record["stage"] == stage
+            state = load_checkpoint(tmp_path / name / stage / "last.pt")
+            assert state["identity"]["train"]["stage"] == stage
 
 
 def test_train_cli_reports_and_writes_the_run(tiny_store: Path, tmp_path: Path) -> None:
@@ -290,7 +296,7 @@ def test_train_cli_reports_and_writes_the_run(tiny_store: Path, tmp_path: Path) 
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "trained deeplabv3plus for 2 steps" in result.stdout
+    assert "trained deeplabv3plus (liver) for 2 steps" in result.stdout
     resumed = CliRunner().invoke(
         app, [*args[:-4], "--steps", "3", "--config", str(TINY), "--resume"]
     )
@@ -304,19 +310,78 @@ def test_train_all_runs_one_process_per_gpu_and_isolates_a_failure(
     from liverpipe.settings import load_settings
     from liverpipe.train_all import train_all
 
-    settings = load_settings(TINY, {"train": {"steps": 2}})
-    (tmp_path / "manet").mkdir()
-    (tmp_path / "manet" / "last.pt").write_bytes(b"not a checkpoint")  # manet's resume fails
+    settings = load_settings(TINY, {"train": {"steps": 2}, "tumour": {"steps": 2}})
+    (tmp_path / "manet" / "tumour").mkdir(parents=True)
+    broken = tmp_path / "manet" / "tumour" / "last.pt"
+    broken.write_bytes(b"not a checkpoint")  # manet's tumour-stage resume fails
     # Two "GPUs": on this CPU machine the children fall back to the CPU, but the launcher
     # still runs one process per device, two at a time.
     outcomes = train_all(tiny_store, tmp_path, settings, resume=True, gpus=["0", "1"])
-    by_model = {o.model: o for o in outcomes}
-    assert [o.model for o in outcomes] == ["unetplusplus", "manet", "deeplabv3plus"]
-    failed = by_model["manet"]
-    assert failed.result is None and str(tmp_path / "manet" / "train.log") in (failed.error or "")
-    for name in ("unetplusplus", "deeplabv3plus"):
-        result = by_model[name].result
-        assert result is not None and result.steps == 2
-        recorded = json.loads((tmp_path / name / "config.json").read_text())
-        assert recorded["train"]["model"] == name and recorded["train"]["steps"] == 2
+    by_job = {o.job: o for o in outcomes}
+    assert [o.job for o in outcomes] == [
+        f"{m} {s}" for m in ("unetplusplus", "manet", "deeplabv3plus") for s in ("liver", "tumour")
+    ]
+    failed = by_job["manet tumour"]
+    log = tmp_path / "manet" / "tumour" / "train.log"
+    assert failed.result is None and str(log) in (failed.error or "")
+    for job, outcome in by_job.items():
+        if job == "manet tumour":
+            continue
+        assert outcome.result is not None and outcome.result.steps == 2
+        recorded = json.loads((outcome.run_dir / "config.json").read_text())
+        section = "train" if outcome.stage == "liver" else "tumour"
+        assert recorded[section]["model"] == outcome.model and recorded["stage"] == outcome.stage
     assert {o.device for o in outcomes} == {"GPU 0", "GPU 1"}
+
+
+def test_liver_stage_reads_slices_averaged_down_and_upsamples_back() -> None:
+    """Pooling pads to the stride, averages blocks; labels take each block's majority; the
+    softmax comes back to the full size, constant where the input was."""
+    from liverpipe.inference import pool, pool_labels, unpool
+
+    images = torch.zeros(2, 3, 96, 160)
+    images[:, :, :48] = 1.0
+    pooled = pool(images, 3)
+    assert pooled.shape == (2, 3, 96 // 3, (160 + 32) // 3)  # x padded to 192 = 2 * 96
+    assert torch.allclose(pooled[:, :, :16, :53], torch.ones(1))  # 160 / 3: real columns
+    assert torch.allclose(pooled[:, :, :, 54:], torch.zeros(1))  # padding: the image's minimum
+    labels = torch.zeros(1, 6, 6, dtype=torch.long)
+    labels[0, :3, :2] = 2  # 6 of the top-left block's 9 voxels
+    assert pool_labels(labels, 3).tolist() == [[[2, 0], [0, 0]]]
+    probs = torch.softmax(torch.randn(2, 3, 32, 64), 1)
+    back = unpool(probs, 3, (96, 160))
+    assert back.shape == (2, 3, 96, 160)
+    assert torch.allclose(back.sum(1), torch.ones(1), atol=1e-5)
+
+
+def test_epochs_set_the_training_length() -> None:
+    from liverpipe.stages import resolve_steps
+
+    cfg = load_settings(TINY, {"train": {"epochs": 2.5, "batch_size": 8}}).train
+    assert resolve_steps(cfg, 100, world=1) == 32  # ceil(2.5 * 100 / 8)
+    assert resolve_steps(cfg, 100, world=2) == 16
+    assert resolve_steps(cfg.model_copy(update={"epochs": None}), 100, 1) == cfg.steps
+
+
+def test_tumour_stage_trains_on_liver_roi_crops(tiny_store: Path, tmp_path: Path) -> None:
+    """The tumour stage's batches are crops of the configured size inside the liver ROI,
+    liver-relative (the liver's median near 0); half centred on tumour when there is any."""
+    from liverpipe.sampling import RoiSource, SliceSampler
+    from liverpipe.stages import stage_table
+
+    store = SliceStore.open(tiny_store)
+    cfg = load_settings(TINY).tumour
+    table, prepared = stage_table(store, store.cases("train"), cfg, CPU)
+    assert table.liver.all()  # every row is a slice of some liver's ROI
+    sampler = SliceSampler(table, cfg.oversample, 0)
+    source = RoiSource(store, table, cfg, CPU, sampler.rng, prepared)
+    images, labels = source.batch(sampler.draw(32))
+    assert images.shape == (32, cfg.context_slices, *cfg.crop_size)
+    assert labels.shape == (32, *cfg.crop_size)
+    liver = images[:, cfg.context_slices // 2][labels == 1]
+    assert abs(float(liver.median())) < 0.2  # relative to the liver's median
+    if table.tumour.any():
+        assert (labels == 2).flatten(1).any(1).float().mean() >= 0.3
+    result = train(tiny_store, tmp_path / "tumour", load_settings(TINY), stage="tumour")
+    record = json.loads((tmp_path / "tumour" / "config.json").read_text())
+    assert record["stage"] == "tumour" and result.steps == load_settings(TINY).tumour.steps

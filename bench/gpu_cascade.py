@@ -7,7 +7,7 @@ What `make demo` does on 2 CPU cores, with the training a GPU affords: full-size
 measurement. Each phase's time goes into the JSON as it ends, so a run cut short still
 reports what it finished.
 
-Usage: python bench/gpu_cascade.py [--train 60] [--held 10] [--json OUT.json]
+Usage: python bench/gpu_cascade.py [--train 32] [--held 8] [--json OUT.json]
        python bench/gpu_cascade.py --dry-run   # 3 + 2 phantoms, a few steps, on the CPU
 """
 
@@ -56,8 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--train", type=int, default=60)
-    parser.add_argument("--held", type=int, default=10)
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--held", type=int, default=8)
     parser.add_argument("--liver-steps", type=int, default=1500)
     parser.add_argument("--tumour-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
@@ -83,8 +83,21 @@ def main() -> None:
         print(f"{name}: {record['seconds'][name]} s", flush=True)
 
     start = time.perf_counter()
-    generate_dataset(args.out / "train", args.train, seed=0, size="full", workers=workers)
-    generate_dataset(args.out / "held", args.held, seed=9001, size="full", workers=workers)
+    rendered = []
+
+    def progress(pair: tuple[Path, Path]) -> None:
+        # A run cut short in this phase still says how far it got (first H200 try, 2026-11-28).
+        rendered.append(pair[0].name)
+        record["phantoms_rendered"] = len(rendered)
+        print(f"phantom {len(rendered)}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    print(f"rendering {args.train} + {args.held} phantoms on {workers} processes", flush=True)
+    generate_dataset(
+        args.out / "train", args.train, seed=0, size="full", workers=workers, on_case=progress
+    )
+    generate_dataset(
+        args.out / "held", args.held, seed=9001, size="full", workers=workers, on_case=progress
+    )
     phase("phantoms", start)
     steps = {"liver": args.liver_steps, "tumour": args.tumour_steps}
     settings = load_settings(

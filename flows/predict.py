@@ -1,4 +1,4 @@
-"""``predict``: masks and measurements for new scans with one run or an ensemble."""
+"""``predict``: masks and measurements for new scans with the champion, one run or an ensemble."""
 
 from __future__ import annotations
 
@@ -11,16 +11,26 @@ from prefect.artifacts import create_table_artifact
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import pick_device
 from liverpipe.predict import Predictor, load_cascade, predict_path
+from liverpipe.promotion import champion_models
+from liverpipe.runs import expand_models
 
 __all__ = ["predict_scans"]
 
 
 @flow(name="predict", log_prints=True)
-def predict_scans(source: str, output: str, models: list[str], tta: bool = False) -> dict[str, Any]:
-    """Predict SOURCE (a scan or a folder) into OUTPUT with the models in MODELS (model
-    folders RUNS/<model> of train-all; several are ensembled)."""
+def predict_scans(
+    source: str,
+    output: str,
+    models: list[str] | None = None,
+    runs: str = "runs",
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Predict SOURCE (a scan or a folder) into OUTPUT with the ensemble champion of RUNS,
+    or with MODELS (model folders RUNS/<run_id>/<model>, or runs RUNS/<run_id>; several
+    are ensembled). Each mask's JSON names the model version."""
     device = pick_device()
-    predictor = Predictor([load_cascade(Path(m), device) for m in models], device, tta)
+    folders = expand_models([Path(m) for m in models]) if models else champion_models(Path(runs))
+    predictor = Predictor([load_cascade(m, device) for m in folders], device, tta)
     results = predict_path(predictor, Path(source), Path(output))
     rows = []
     for scan, outcome in results.items():

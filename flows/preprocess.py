@@ -61,9 +61,13 @@ def summary_table(summary: RunSummary) -> list[dict[str, str]]:
 
 
 @flow(name="preprocess-cases")
-def _preprocess_cases(data_dir: str, store: str, config: str | None) -> dict[str, Any]:
+def _preprocess_cases(
+    data_dir: str, store: str, config: str | None, verify: bool = False
+) -> dict[str, Any]:
     settings = load_settings(Path(config) if config else None)
-    summary = preprocess_dataset(Path(data_dir), Path(store), settings, prefect_runner)
+    summary = preprocess_dataset(
+        Path(data_dir), Path(store), settings, prefect_runner, verify=verify
+    )
     create_table_artifact(
         summary_table(summary),
         key="preprocess-cases",
@@ -80,16 +84,19 @@ def preprocess(
     config: str | None = None,
     dask_address: str | None = None,
     workers: int = 0,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Preprocess new or changed cases of DATA_DIR (MSD layout) into the slice store.
 
     Runs on a Dask LocalCluster (``workers`` processes, 0 = one per core) or on the
     scheduler at ``dask_address``. Failed cases are listed with the fix; the others go on.
+    Files whose identity (size, mtime, inode, ctime) is unchanged are not re-read;
+    ``verify`` re-hashes every file.
     """
     settings = load_settings(Path(config) if config else None)
     address = dask_address or settings.store.dask_address
     runner = dask_task_runner(workers or settings.store.workers, address)
-    result = _preprocess_cases.with_options(task_runner=runner)(data_dir, store, config)
+    result = _preprocess_cases.with_options(task_runner=runner)(data_dir, store, config, verify)
     logger = get_run_logger()
     logger.info(
         "processed %d, skipped %d, failed %d in %.1f s",

@@ -46,7 +46,7 @@ def deployments(config: Path | None = None, defaults: dict[str, Any] | None = No
             "train-all", parameters=params(("store", "runs", "config", "report"))
         ),
         evaluate_runs.to_deployment("evaluate", parameters=params(("store", "runs"))),
-        predict_scans.to_deployment("predict"),
+        predict_scans.to_deployment("predict", parameters=params(("runs",))),
         ingest.to_deployment(
             "ingest",
             cron=settings.ingest.cron,

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from liverpipe.cli_models import models_app
 from liverpipe.errors import LiverpipeError
 from liverpipe.settings import Settings, load_settings
 
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True, soft_wrap=True)
+app.add_typer(models_app, name="models")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -178,12 +180,21 @@ def preprocess(
         str | None, typer.Option(help="tcp://host:port of an existing Dask scheduler.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Re-hash every file instead of trusting unchanged file identities "
+            "(size, mtime, inode, ctime).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Preprocess new or changed cases into the Zarr slice store, in parallel with Dask.
 
-    Unchanged cases (same content hash and config) are skipped; a config change
-    reprocesses every case. Exit 0 when every case is ok, 1 when some failed (valid
+    Unchanged cases (same content and config) are skipped: a file whose identity (size,
+    mtime, inode, ctime) is unchanged is not even read; --verify re-hashes them all. A
+    config change reprocesses every case. Exit 0 when every case is ok, 1 when some failed (valid
     cases are stored either way; failures are in the manifest with their reasons).
 
     Example: liverpipe preprocess /data/Task03_Liver --store stores/liver.zarr --config configs/tiny.toml
@@ -209,6 +220,7 @@ def preprocess(
             runner,
             on_result=lambda _cid, _ok: bar.advance(task),
             on_plan=on_plan,
+            verify=verify,
         )
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
@@ -349,11 +361,15 @@ def train_all_cmd(
         Path, typer.Option("--store", "-s", help="Slice store made by `liverpipe preprocess`.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Runs folder; each model trains into OUT/<model>/.")
+        Path,
+        typer.Option(
+            "--out", "-o", help="Runs root; each train-all makes a new OUT/<run_id>/<model>/."
+        ),
     ] = Path("runs"),
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps per model.")] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue each model from OUT/<model>/last.pt.")
+        bool,
+        typer.Option("--resume", help="Continue the newest run's stages from their last.pt."),
     ] = False,
     gpus: Annotated[
         str,
@@ -362,17 +378,27 @@ def train_all_cmd(
             "the models train in parallel, one per GPU; otherwise one after another here."
         ),
     ] = "auto",
+    promote: Annotated[
+        bool,
+        typer.Option(
+            help="Challenge the champions with the new run (the registry's rule); "
+            "--no-promote leaves the registry alone (`liverpipe models promote` later)."
+        ),
+    ] = True,
     config: ConfigOpt = None,
 ) -> None:
-    """Train both stages of UnetPlusPlus, MAnet and DeepLabV3Plus: one job per GPU in
-    parallel, or in turn. OUT/<model>/liver and OUT/<model>/tumour.
+    """Train both stages of UnetPlusPlus, MAnet and DeepLabV3Plus into a new versioned run
+    OUT/<run_id>: one job per GPU in parallel, or in turn. Then the run challenges the
+    champions in OUT/registry.json (`liverpipe models list`).
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
-    from liverpipe.train_all import ModelOutcome, parse_gpus, train_all
+    from liverpipe.train_all import ModelOutcome, parse_gpus, start_run, train_all
 
     settings = _settings(config, train={"steps": steps}, tumour={"steps": steps})
     devices = parse_gpus(gpus)
+    run = start_run(out, store, settings, resume=resume)
+    typer.echo(f"run {run.name} -> {run}")
 
     def report(outcome: ModelOutcome) -> None:
         if outcome.result is None:
@@ -391,11 +417,17 @@ def train_all_cmd(
         return _bar_task(bar, job, cfg.steps, cfg.batch_size)
 
     with _training_bar() as bar:
-        outcomes = train_all(store, out, settings, resume, devices, on_done=report, on_start=start)
+        outcomes = train_all(store, run, settings, resume, devices, on_done=report, on_start=start)
     failed = [o.job for o in outcomes if o.result is None]
     if failed:
         err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
         raise typer.Exit(1)
+    if promote:
+        from liverpipe.cli_models import print_decisions
+        from liverpipe.models import pick_device
+        from liverpipe.promotion import challenge
+
+        print_decisions(challenge(out, run.name, settings.registry, pick_device()))
 
 
 @app.command("predict")
@@ -406,13 +438,17 @@ def predict_cmd(
         typer.Option("--output", "-o", help="Mask file (or folder, when INPUT is a folder)."),
     ],
     model: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--model",
             "-m",
-            help="Model folder RUNS/<model> (liver and tumour stages); repeat it to ensemble.",
+            help="Model folder RUNS/<run_id>/<model>, or a run RUNS/<run_id> (all its "
+            "models); repeat it to ensemble. Default: the registry's ensemble champion.",
         ),
-    ],
+    ] = None,
+    runs: Annotated[
+        Path, typer.Option("--runs", "-r", help="Runs root whose champion predicts (no --model).")
+    ] = Path("runs"),
     tta: Annotated[
         bool,
         typer.Option("--tta", help="Average the flips the models trained with (lr, ap)."),
@@ -432,13 +468,16 @@ def predict_cmd(
     """Segment new scans with the cascade: masks on each input's exact grid, plus
     measurements JSON.
 
-    Example: liverpipe predict scans/ -o masks/ --model runs/unetplusplus --model runs/manet --tta
+    Example: liverpipe predict scans/ -o masks/ --runs runs --tta
     """
     from liverpipe.models import pick_device
     from liverpipe.predict import PostProcess, Predictor, load_cascade, predict_path
+    from liverpipe.promotion import champion_models
+    from liverpipe.runs import expand_models
 
     dev = pick_device(device)
-    cascades = [load_cascade(m, dev) for m in model]
+    folders = expand_models(model) if model else champion_models(runs)
+    cascades = [load_cascade(m, dev) for m in folders]
     post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3)
     predictor = Predictor(cascades, dev, tta, post)
 

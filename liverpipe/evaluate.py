@@ -21,6 +21,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from liverpipe.cascade import liver_stage, tumour_stage
+from liverpipe.checkpoint import CheckpointMismatchError
 from liverpipe.geometry import to_canonical
 from liverpipe.inference import PreparedScan, prepare_scan
 from liverpipe.metrics import (
@@ -34,7 +35,6 @@ from liverpipe.metrics import (
 from liverpipe.nifti import read_header, read_voxels
 from liverpipe.predict import PostProcess, Predictor
 from liverpipe.runs import Run, find_models, load_cascade
-from liverpipe.train import CheckpointMismatchError
 from storage import SliceStore
 
 __all__ = [
@@ -337,10 +337,8 @@ def _score_case(
 
 
 def _selection(run: Run) -> str:
-    """How the run's checkpoint was chosen, from its result.json."""
-    path = run.run_dir / "result.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    return str(record.get("selection") or f"{run.checkpoint.name} (unfinished run)")
+    """How the run's checkpoint was chosen (its result.json)."""
+    return run.selection or f"{run.checkpoint.name} (unfinished run)"
 
 
 def _axial_overlay(

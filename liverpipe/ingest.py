@@ -44,6 +44,7 @@ class CaseJob:
     threads: int = 1
     limits: CheckConfig = field(default_factory=CheckConfig)
     split: Literal["train", "val", "test"] = "train"
+    identity: dict[str, list[int]] | None = None  # the files' identities when planned
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from liverpipe import __version__
 from liverpipe._system import available_cpus
 from liverpipe.dataset import CaseFiles, discover
 from liverpipe.errors import LiverpipeError
+from liverpipe.identity import case_identity, unchanged
 from liverpipe.ingest import (
     HIST_LOW,
     CaseJob,
@@ -45,6 +46,9 @@ __all__ = [
     "assign_split",
     "assign_splits",
     "effective_config_hash",
+    "needs_record",
+    "needs_workers",
+    "pending",
     "plan",
     "preprocess_dataset",
     "serial_runner",
@@ -138,6 +142,8 @@ class Plan:
     sources: dict[str, str]
     #: Cases that failed on these very files and this config before: not retried.
     still_failed: dict[str, str] = field(default_factory=dict)
+    #: Cases whose files changed identity but not content: their new identities.
+    touched: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,6 +156,7 @@ class RunSummary:
     recovered: list[str] = field(default_factory=list)
     warnings: dict[str, list[str]] = field(default_factory=dict)
     still_failed: dict[str, str] = field(default_factory=dict)
+    rehashed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -170,6 +177,7 @@ class RunSummary:
             "recovered": self.recovered,
             "warnings": self.warnings,
             "still_failed_unchanged": self.still_failed,
+            "rehashed_unchanged": self.rehashed,
             "seconds": round(self.seconds, 2),
             "cases_per_minute": round(self.cases_per_minute, 2),
         }
@@ -196,9 +204,15 @@ def plan(
     threads: int = 2,
     sticky_splits: bool = True,
     limits: CheckConfig | None = None,
+    verify: bool = False,
+    trust_ctime: bool = True,
 ) -> Plan:
-    """Hash every source and compare with the manifest ``entries``: only new or changed
-    cases (or every case, after a config change) become jobs.
+    """Compare the sources with the manifest ``entries``: only new or changed cases (or
+    every case, after a config change) become jobs.
+
+    A source whose file identity (:mod:`liverpipe.identity`) matches its entry's is not
+    read; the others are hashed, and one whose hash is unchanged only has its identity
+    refreshed (``touched``). ``verify`` hashes every source.
 
     A case keeps the split its manifest entry records (``sticky_splits``, unless the split
     rule changed); new cases get theirs from :func:`assign_splits`."""
@@ -211,7 +225,24 @@ def plan(
     kept = {cid for cid in incomplete if cid in entries and entries[cid].status == "ok"}
     invalid = [c for c in index.training if c.problems and c.case_id not in kept]
     unlabelled = [c.case_id for c in index.cases if c.role == "test"]
-    sources = _source_hashes(labelled, threads)
+    identities = {c.case_id: case_identity(c.image, c.label) for c in labelled}  # type: ignore[arg-type]
+    known = {
+        c.case_id: entries[c.case_id].source_sha256
+        for c in labelled
+        if not verify
+        and c.case_id in entries
+        and entries[c.case_id].source_sha256
+        and unchanged(entries[c.case_id].identity, identities[c.case_id], trust_ctime)
+    }
+    rehash = [c for c in labelled if c.case_id not in known]
+    sources = {**known, **_source_hashes(rehash, threads)}
+    touched = {
+        c.case_id: identities[c.case_id]
+        for c in rehash
+        if c.case_id in entries
+        and entries[c.case_id].source_sha256 == sources[c.case_id]
+        and entries[c.case_id].identity != identities[c.case_id]
+    }
     todo: list[CaseJob] = []
     skipped = []
     still_failed: dict[str, str] = {}
@@ -247,13 +278,15 @@ def plan(
                     config_hash,
                     zscore,
                     limits=limits or CheckConfig(),
+                    identity=identities[case.case_id],
                 )
             )
     splits = _splits_for([j.case_id for j in todo], entries, config, sticky_splits)
     todo = [replace(j, split=splits[j.case_id]) for j in todo]
     seen = {c.case_id for c in index.training}
     missing = sorted(cid for cid in entries if cid not in seen or cid in kept)
-    return Plan(todo, skipped, invalid, missing, unlabelled, sources, still_failed)
+    touched = {cid: ident for cid, ident in touched.items() if cid not in {j.case_id for j in todo}}
+    return Plan(todo, skipped, invalid, missing, unlabelled, sources, still_failed, touched)
 
 
 def _splits_for(
@@ -297,6 +330,7 @@ def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> Man
         shape=result.shape,
         warnings=result.warnings,
         permanent=result.permanent,
+        identity=job.identity,
     )
 
 
@@ -326,8 +360,11 @@ def preprocess_dataset(
     runner: Runner,
     on_result: Callable[[str, bool], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    verify: bool = False,
 ) -> RunSummary:
-    """Bring the store up to date with ``data_dir``; see the module docstring."""
+    """Bring the store up to date with ``data_dir``; see the module docstring.
+
+    ``verify`` re-hashes every source instead of trusting unchanged file identities."""
     start = time.perf_counter()
     cfg = settings.preprocess
     summary = RunSummary()
@@ -352,23 +389,14 @@ def preprocess_dataset(
         sticky = _split_rule(store.meta.config) == _split_rule(config_record)
         if store.meta.config_hash != config_hash:
             store.set_config(config_hash, config_record)
-        work = plan(
-            data_dir,
-            store.root,
-            store.manifest.entries,
-            cfg,
-            config_hash,
-            zscore,
-            threads=available_cpus(),
-            sticky_splits=sticky,
-            limits=settings.check,
-        )
+        work = _plan_store(data_dir, store, settings, config_hash, zscore, verify, sticky)
         if on_plan:
             on_plan(work)
         summary.skipped, summary.unlabelled = work.skipped, work.unlabelled
         summary.still_failed = work.still_failed
         _record_invalid(store, work, cfg, config_hash, summary)
         _record_missing(store, work, summary)
+        _record_touched(store, work, summary)
         for job, result in runner(
             ingest_case, work.todo, [f"ingest-{j.case_id}" for j in work.todo]
         ):
@@ -384,6 +412,69 @@ def preprocess_dataset(
                 on_result(job.case_id, entry.status == "ok")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def pending(
+    data_dir: Path, store_path: Path, settings: Settings, verify: bool = False
+) -> Plan | None:
+    """What :func:`preprocess_dataset` would do now, found without the lock, a cluster or
+    any write; None when everything would be work (no store yet, or a changed config)."""
+    cfg = settings.preprocess
+    try:
+        store = SliceStore.open(store_path)
+    except LiverpipeError:
+        return None
+    zscore = _existing_zscore(store_path, cfg) if cfg.normalization == "zscore" else None
+    if cfg.normalization == "zscore" and zscore is None:
+        return None
+    config_hash = effective_config_hash(cfg, zscore)
+    if store.meta.config_hash != config_hash:
+        return None
+    return _plan_store(data_dir, store, settings, config_hash, zscore, verify)
+
+
+def _plan_store(
+    data_dir: Path,
+    store: SliceStore,
+    settings: Settings,
+    config_hash: str,
+    zscore: ZScoreStats | None,
+    verify: bool,
+    sticky: bool = True,
+) -> Plan:
+    return plan(
+        data_dir,
+        store.root,
+        store.manifest.entries,
+        settings.preprocess,
+        config_hash,
+        zscore,
+        threads=available_cpus(),
+        sticky_splits=sticky,
+        limits=settings.check,
+        verify=verify,
+        trust_ctime=settings.ingest.trust_ctime,
+    )
+
+
+def needs_workers(work: Plan | None, entries: Mapping[str, ManifestEntry]) -> bool:
+    """Whether ``work`` has cases to preprocess (or, for None, everything): only then is a
+    Dask cluster worth starting. Invalid cases already recorded with the same problem
+    and files are not work."""
+    if work is None or work.todo:
+        return True
+    for case in work.invalid:
+        old = entries.get(case.case_id)
+        if old is None or old.status != "failed" or old.error != " ".join(case.problems):
+            return True
+    return False
+
+
+def needs_record(work: Plan, entries: Mapping[str, ManifestEntry]) -> bool:
+    """Whether the manifest has something to note without any preprocessing: touched
+    files' identities, or sources that went missing or came back."""
+    flagged = {cid for cid, e in entries.items() if e.source_missing}
+    return bool(work.touched) or flagged != set(work.missing)
 
 
 def _record_invalid(
@@ -412,6 +503,16 @@ def _record_invalid(
             )
         )
         summary.failed[case.case_id] = error
+
+
+def _record_touched(store: SliceStore, work: Plan, summary: RunSummary) -> None:
+    """Files whose identity changed but whose bytes did not: new identities, no work."""
+    for case_id, identity in work.touched.items():
+        entry = store.manifest.entries[case_id]
+        store.manifest.upsert(replace(entry, identity=identity, updated=utc_now()))
+    if work.touched:
+        store.manifest.save()
+    summary.rehashed = sorted(work.touched)
 
 
 def _record_missing(store: SliceStore, work: Plan, summary: RunSummary) -> None:

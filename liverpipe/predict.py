@@ -101,6 +101,13 @@ class Predictor:
             )
 
     @property
+    def version(self) -> dict[str, Any]:
+        """Which trained models make the masks: the versioned runs (``RUNS/<run_id>``)
+        and each cascade's ``<run_id>/<model>`` (its folder outside a versioned run)."""
+        run_ids = sorted({c.run_id for c in self.cascades if c.run_id})
+        return {"run_ids": run_ids, "models": [c.version for c in self.cascades]}
+
+    @property
     def runs(self) -> list[Run]:
         """Every run of every stage, liver stages first."""
         tumours = [c.tumour for c in self.cascades if c.tumour is not None]
@@ -229,6 +236,7 @@ def predict_file(predictor: Predictor, scan: Path, out: Path) -> dict[str, Any]:
     record = {
         "scan": str(scan),
         "mask": str(out),
+        "model_version": predictor.version,
         "models": [str(r.checkpoint) for r in predictor.runs],
         "tta": predictor.tta,
         "tta_flips": [list(f) for f in predictor.tta_flips if f],

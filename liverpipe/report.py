@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from liverpipe.evaluate import STAGE1, Evaluation, aggregate_value, write_metrics
 from liverpipe.labels import DEFAULT_HU_WINDOW
 from liverpipe.metrics import LESION_RULE, empty_rule_text
+from liverpipe.rundir import StageDir, resolve_run
 
 __all__ = ["HEADLINE", "headline_rows", "headline_split", "write_report"]
 
@@ -124,7 +125,7 @@ def _learning_curves(runs_dir: Path, models: list[str]) -> bytes | None:
     drawn = False
     for model in models:
         for stage, style in (("liver", "-"), ("tumour", "--")):
-            history = runs_dir / model / stage / "history.jsonl"
+            history = StageDir(runs_dir / model / stage).history
             if not history.is_file():
                 continue
             rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
@@ -290,7 +291,10 @@ def _context(evaluation: Evaluation) -> str:
 
 
 def write_report(evaluation: Evaluation, runs_dir: Path, out_dir: Path) -> dict[str, Path]:
-    """Write metrics.json, report.md, report.html and the PNGs into ``out_dir``."""
+    """Write metrics.json, report.md, report.html and the PNGs into ``out_dir``.
+
+    ``runs_dir`` is the evaluated run folder, or a runs root (its newest run)."""
+    runs_dir = resolve_run(runs_dir)
     metrics_path = write_metrics(evaluation, out_dir)
     record = json.loads(metrics_path.read_text())
     aggregates = _nan_back(record["aggregates"])

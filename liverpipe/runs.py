@@ -1,11 +1,11 @@
 """Trained runs on disk: one stage's run folder, and one architecture's cascade.
 
-Layout (``liverpipe train-all``)::
+Layout (``liverpipe train-all``; :mod:`liverpipe.rundir` owns the file names)::
 
-    RUNS/<model>/liver/    stage 1: config.json, best.pt / last.pt, history.jsonl, result.json
-    RUNS/<model>/tumour/   stage 2: the same files
+    RUNS/<run_id>/<model>/liver/    stage 1: config.json, best.pt / last.pt, result.json, ...
+    RUNS/<run_id>/<model>/tumour/   stage 2: the same files
 
-A run folder's ``config.json`` records its stage, its settings and the preprocessing of
+A stage folder's ``config.json`` records its stage, its settings and the preprocessing of
 the store it trained on; checkpoints load with ``weights_only=True``.
 """
 
@@ -17,13 +17,22 @@ from pathlib import Path
 
 import torch
 
+from liverpipe.checkpoint import load_checkpoint
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import build_model
 from liverpipe.preprocess import ZScoreStats
+from liverpipe.rundir import RUN_RECORD, RunResult, StageDir, resolve_run
 from liverpipe.settings import PreprocessConfig, TrainConfig, TumourConfig
-from liverpipe.train import load_checkpoint
 
-__all__ = ["Cascade", "Run", "find_models", "hu_per_unit", "load_cascade", "load_run"]
+__all__ = [
+    "Cascade",
+    "Run",
+    "expand_models",
+    "find_models",
+    "hu_per_unit",
+    "load_cascade",
+    "load_run",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +48,8 @@ class Run:
     model: torch.nn.Module
     #: Tumour stage: the tumour-probability threshold tuned on val (None: argmax).
     tumour_threshold: float | None = None
+    #: How the checkpoint was chosen (``result.json``).
+    selection: str = ""
 
     @property
     def name(self) -> str:
@@ -57,7 +68,8 @@ class Run:
 def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
     """Load ``best.pt`` (else ``last.pt``) of a run folder with ``weights_only=True``."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    folder = StageDir(run_dir)
+    config_path = folder.config
     if not config_path.is_file():
         raise LiverpipeError(
             run_dir,
@@ -65,9 +77,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
             "pass a folder made by `liverpipe train` or `liverpipe train-all` (RUNS/<model>)",
         )
     record = json.loads(config_path.read_text())
-    checkpoint = next(
-        (run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None
-    )
+    checkpoint = folder.checkpoint()
     if checkpoint is None:
         raise LiverpipeError(
             run_dir,
@@ -108,8 +118,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
     model.load_state_dict(state["model"])
     model.to(device or torch.device("cpu")).eval()
     zscore = store_config.get("zscore")
-    result_path = run_dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result = RunResult.read(folder) if folder.result.is_file() else None
     return Run(
         run_dir,
         checkpoint,
@@ -118,7 +127,8 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         ZScoreStats(**zscore) if zscore else None,
         str(record["store_config_hash"]),
         model,
-        result.get("tumour_threshold"),
+        result.tumour_threshold if result else None,
+        result.selection if result else f"{checkpoint.name} (unfinished run)",
     )
 
 
@@ -138,6 +148,13 @@ class Cascade:
     liver: Run
     tumour: Run | None
     name: str
+    #: The versioned run (``RUNS/<run_id>``) it belongs to; None outside one.
+    run_id: str | None = None
+
+    @property
+    def version(self) -> str:
+        """``<run_id>/<model>``, or the folder for a model outside a versioned run."""
+        return f"{self.run_id}/{self.name}" if self.run_id else str(self.liver.run_dir.parent)
 
 
 def load_cascade(path: Path, device: torch.device | None = None) -> Cascade:
@@ -149,7 +166,7 @@ def load_cascade(path: Path, device: torch.device | None = None) -> Cascade:
             pair whose stages are swapped or were trained on different stores.
     """
     path = Path(path)
-    if (path / "config.json").is_file():
+    if StageDir(path).config.is_file():
         run = load_run(path, device)
         if run.stage == "tumour":
             raise LiverpipeError(
@@ -157,8 +174,8 @@ def load_cascade(path: Path, device: torch.device | None = None) -> Cascade:
                 "this is a tumour-stage run, which needs the liver stage to find its ROI",
                 f"pass the model folder that holds liver/ and tumour/ ({path.parent})",
             )
-        return Cascade(run, None, path.name)
-    if not (path / "liver" / "config.json").is_file():
+        return Cascade(run, None, path.name, _run_id(path.parent))
+    if not StageDir(path / "liver").config.is_file():
         raise LiverpipeError(
             path,
             "not a trained model folder (no liver/config.json, no config.json)",
@@ -166,10 +183,15 @@ def load_cascade(path: Path, device: torch.device | None = None) -> Cascade:
         )
     liver = load_run(path / "liver", device)
     tumour = (
-        load_run(path / "tumour", device) if (path / "tumour" / "config.json").is_file() else None
+        load_run(path / "tumour", device) if StageDir(path / "tumour").config.is_file() else None
     )
     _check_pair(path, liver, tumour)
-    return Cascade(liver, tumour, path.name)
+    return Cascade(liver, tumour, path.name, _run_id(path.parent))
+
+
+def _run_id(folder: Path) -> str | None:
+    record = folder / RUN_RECORD
+    return str(json.loads(record.read_text())["run_id"]) if record.is_file() else None
 
 
 def _check_pair(path: Path, liver: Run, tumour: Run | None) -> None:
@@ -196,13 +218,20 @@ def _check_pair(path: Path, liver: Run, tumour: Run | None) -> None:
         )
 
 
+def expand_models(paths: list[Path]) -> list[Path]:
+    """Model folders from ``--model`` values: a versioned run (``RUNS/<run_id>``) stands
+    for all its models; a model or stage folder stands for itself."""
+    return [m for p in paths for m in (find_models(p) if (p / RUN_RECORD).is_file() else [p])]
+
+
 def find_models(runs_dir: Path) -> list[Path]:
-    """Model folders (``<model>/liver/config.json``) or liver runs under ``runs_dir``."""
-    runs_dir = Path(runs_dir)
+    """Model folders (``<model>/liver/config.json``) or liver runs in a run folder; for a
+    runs root, in its newest versioned run (:func:`liverpipe.rundir.resolve_run`)."""
+    runs_dir = resolve_run(Path(runs_dir)) if Path(runs_dir).is_dir() else Path(runs_dir)
     found = sorted(
         p
         for p in (runs_dir.iterdir() if runs_dir.is_dir() else [])
-        if (p / "liver" / "config.json").is_file() or (p / "config.json").is_file()
+        if StageDir(p / "liver").config.is_file() or StageDir(p).config.is_file()
     )
     if not found:
         raise LiverpipeError(

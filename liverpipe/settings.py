@@ -25,6 +25,7 @@ __all__ = [
     "EvaluateConfig",
     "IngestConfig",
     "PreprocessConfig",
+    "RegistryConfig",
     "Settings",
     "Stage",
     "StoreConfig",
@@ -275,6 +276,41 @@ class IngestConfig(_Frozen):
         5, ge=1, description="New labelled cases since the last training that trigger train-all."
     )
     tta: bool = Field(False, description="Flip TTA when ingest predicts unlabelled scans.")
+    verify_every: int = Field(
+        0,
+        ge=0,
+        description="Every N ticks, re-hash every inbox file instead of trusting unchanged "
+        "file identities (size, mtime, inode, ctime); 0: never.",
+    )
+    trust_ctime: bool = Field(
+        True,
+        description="Count a file's ctime in its identity (git's core.trustctime): an in-place "
+        "rewrite that keeps size and mtime is then still noticed. Turn off where ctime changes "
+        "without a content change (some network shares); such a rewrite is then found only "
+        "by --verify or verify_every.",
+    )
+    repredict_on_promotion: bool = Field(
+        False,
+        description="After a new champion is promoted, predict the already-predicted "
+        "unlabelled scans again with it (the ledger keeps every version).",
+    )
+
+
+class RegistryConfig(_Frozen):
+    """The promotion rule of the model registry (``liverpipe models``, train-all)."""
+
+    liver_dice_tolerance: float = Field(
+        0.005,
+        ge=0,
+        description="A challenger may score at most this much below the champion's mean "
+        "liver Dice on the frozen test cases.",
+    )
+    tumour_dice_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="A challenger may score at most this much below the champion's tumour "
+        "global Dice on the frozen test cases.",
+    )
 
 
 class EvaluateConfig(_Frozen):
@@ -305,6 +341,7 @@ class Settings(_Frozen):
     tumour: TumourConfig = TumourConfig()
     ingest: IngestConfig = IngestConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _stages(self) -> Settings:

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,13 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
+from liverpipe._files import write_json_atomic
 from liverpipe.augment import augment_batch
+from liverpipe.checkpoint import load_checkpoint, save_checkpoint
 from liverpipe.errors import ConfigError, LiverpipeError
 from liverpipe.inference import STRIDE
 from liverpipe.models import build_model
+from liverpipe.rundir import RunRecord, RunResult, StageDir
 from liverpipe.sampling import SliceSampler, SliceTable, StreamingSource
 from liverpipe.settings import Settings, Stage, TrainConfig, load_settings
 from liverpipe.stages import (
@@ -42,7 +45,7 @@ from liverpipe.stages import (
 )
 from storage import SliceStore
 
-__all__ = ["CheckpointMismatchError", "TrainResult", "lr_factor", "train"]
+__all__ = ["TrainResult", "lr_factor", "train"]
 
 _log = logging.getLogger(__name__)
 
@@ -60,10 +63,6 @@ RUNTIME_FIELDS = frozenset(
         "compile",
     }
 )
-
-
-class CheckpointMismatchError(LiverpipeError):
-    """A checkpoint made for another model config or another store config."""
 
 
 @dataclass(frozen=True)
@@ -87,38 +86,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def _identity(cfg: TrainConfig, store: SliceStore) -> dict[str, Any]:
     model_cfg = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
     return {"train": model_cfg, "store_config_hash": store.meta.config_hash}
-
-
-def load_checkpoint(path: Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); refuse a foreign one."""
-    if not path.is_file():
-        raise LiverpipeError(
-            path,
-            "no checkpoint here",
-            "train the model first, or pass the run folder that has last.pt",
-        )
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if expected is not None and state.get("identity") != expected:
-        theirs = state.get("identity", {})
-        diff = sorted(
-            k
-            for k in set(theirs.get("train", {})) | set(expected["train"])
-            if theirs.get("train", {}).get(k) != expected["train"].get(k)
-        )
-        if theirs.get("store_config_hash") != expected["store_config_hash"]:
-            diff.append("store config (preprocessing)")
-        raise CheckpointMismatchError(
-            path,
-            f"this checkpoint was made with a different configuration ({', '.join(diff)})",
-            "resume with the config and store the run was started with, or train into a new --out folder",
-        )
-    return state
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 class _BatchStream:
@@ -293,9 +260,13 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     stage: Stage = "liver",
+    cases: Mapping[str, Sequence[str]] | None = None,
 ) -> TrainResult:
     """Train one stage of ``settings``' model (``[train]`` for the liver stage,
     ``[tumour]`` for the tumour stage) on the store's train split into ``run_dir``.
+
+    ``cases`` (``{"train": [...], "val": [...]}``, a versioned run's ``run.json``) fixes
+    the exact cases; by default the store's train and val splits as they are now.
 
     Under ``torchrun`` (DDP: NCCL on CUDA, gloo on the CPU) each rank draws its own
     batches of ``batch_size``; rank 0 validates and writes every file.
@@ -303,7 +274,7 @@ def train(
     cfg = settings.stage(stage)
     dist = _Dist.from_env()
     store = SliceStore.open(store_path)
-    train_ids, val_ids = store.cases("train"), store.cases("val")
+    train_ids, val_ids = _cases(store, cases)
     if not train_ids:
         raise LiverpipeError(
             store_path,
@@ -322,13 +293,14 @@ def train(
     cfg = cfg.model_copy(update={"steps": resolve_steps(cfg, len(table), dist.world)})
     run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
+    folder = StageDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.main:
-        (run_dir / "result.json").unlink(missing_ok=True)  # written again when training ends
-    if resume and (run_dir / "last.pt").exists():
-        _restore(run, load_checkpoint(run_dir / "last.pt", identity), dist)
+        folder.result.unlink(missing_ok=True)  # written again when training ends
+    if resume and folder.last.exists():
+        _restore(run, load_checkpoint(folder.last, identity), dist)
         if dist.main:
-            _truncate_history(run_dir / "history.jsonl", run.step)
+            _truncate_history(folder.history, run.step)
     if dist.main:
         record = {
             **settings.model_dump(mode="json"),
@@ -339,7 +311,7 @@ def train(
             "stage": stage,
             "steps": cfg.steps,
         }
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+        write_json_atomic(folder.config, record)
     losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
     fwd: torch.nn.Module = run.model
     if dist.world > 1:
@@ -362,25 +334,37 @@ def train(
     if dist.main and stage == "tumour" and val_ids:
         threshold, candidates = _tune(run, run_dir, store, val_ids, cfg)
     if dist.main:
-        (run_dir / "result.json").write_text(
-            _json_line(
-                {
-                    "steps": run.step,
-                    "best_score": best,
-                    "last_loss": loss,
-                    "stage": stage,
-                    "tumour_threshold": threshold,
-                    "thresholds_tried": candidates,
-                    "checkpoint": "best.pt" if val_ids else "last.pt",
-                    "selection": (
-                        f"best.pt: highest validation score over {len(val_ids)} val case(s)"
-                        if val_ids
-                        else "last.pt: the store has no val cases, so none could be chosen"
-                    ),
-                }
-            )
-        )
+        RunResult(
+            steps=run.step,
+            best_score=best,
+            last_loss=loss,
+            stage=stage,
+            checkpoint=folder.best.name if val_ids else folder.last.name,
+            selection=(
+                f"best.pt: highest validation score over {len(val_ids)} val case(s)"
+                if val_ids
+                else "last.pt: the store has no val cases, so none could be chosen"
+            ),
+            tumour_threshold=threshold,
+            thresholds_tried=dict(candidates),
+        ).write(folder)
     return TrainResult(run_dir, run.step, best, loss)
+
+
+def _cases(
+    store: SliceStore, cases: Mapping[str, Sequence[str]] | None
+) -> tuple[list[str], list[str]]:
+    if cases is None:
+        return store.cases("train"), store.cases("val")
+    stored = set(store.cases())
+    gone = sorted(c for split in ("train", "val") for c in cases.get(split, []) if c not in stored)
+    if gone:
+        raise LiverpipeError(
+            store.root,
+            f"the run's cases {gone} are no longer in the store",
+            "start a new run (`liverpipe train-all` without --resume)",
+        )
+    return list(cases.get("train", [])), list(cases.get("val", []))
 
 
 def _tune(
@@ -388,7 +372,7 @@ def _tune(
 ) -> tuple[float | None, dict[str, float]]:
     """The tumour threshold of the checkpoint that predicts (best.pt), tuned on val."""
     device = next(run.model.parameters()).device
-    best = run_dir / "best.pt"
+    best = StageDir(run_dir).best
     if best.is_file():
         run.model.load_state_dict(load_checkpoint(best)["model"])
     return tune_threshold(run.model, store, val_ids, cfg, device)
@@ -423,7 +407,7 @@ def _loop(
 ) -> float:
     device = next(run.model.parameters()).device
     loss, wait, clock = float("nan"), 0.0, time.perf_counter()
-    history = (run_dir / "history.jsonl").open("a") if dist.main else None
+    history = StageDir(run_dir).history.open("a") if dist.main else None
     try:
         while run.step < cfg.steps:
             run.model.train()
@@ -489,8 +473,8 @@ def _validate_and_save(
         history.write(_json_line({"step": run.step, "val": metrics}))
         history.flush()
         if improved:
-            _save(run_dir / "best.pt", state)
-        _save(run_dir / "last.pt", state)
+            save_checkpoint(StageDir(run_dir).best, state)
+        save_checkpoint(StageDir(run_dir).last, state)
     dist.barrier()
 
 
@@ -506,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=Path, help="Resolved settings as JSON (train-all).")
     parser.add_argument("--stage", choices=("liver", "tumour"), default="liver")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run-record", type=Path, help="run.json whose cases to train on.")
     args = parser.parse_args(argv)
     section = "train" if args.stage == "liver" else "tumour"
     if args.settings is not None:
@@ -516,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
             {section: {"model": args.model, "steps": args.steps, "batch_size": args.batch_size}},
         )
     try:
-        result = train(args.store, args.out, settings, args.resume, stage=args.stage)
+        cases = RunRecord.read(args.run_record.parent).cases if args.run_record else None
+        result = train(args.store, args.out, settings, args.resume, stage=args.stage, cases=cases)
         if _Dist.from_env().main:
             model = settings.stage(args.stage).model
             print(f"trained {model} ({args.stage}) for {result.steps} steps into {args.out}")

@@ -1,7 +1,8 @@
 """Train both stages of the three architectures: here one after another, or one per GPU.
 
-Each architecture gets ``RUNS/<model>/liver`` (stage 1) and ``RUNS/<model>/tumour``
-(stage 2); the stages train independently (stage 2 reads the ground-truth liver's ROI),
+:func:`start_run` makes a new versioned run ``RUNS/<run_id>`` (``run.json`` records the
+store, its config hash and the exact cases; nothing is overwritten). In it each
+architecture gets ``<model>/liver`` (stage 1) and ``<model>/tumour`` (stage 2); the stages train independently (stage 2 reads the ground-truth liver's ROI),
 so the six jobs can run in any order. With several GPUs each job runs in its own
 ``python -m liverpipe.train`` process pinned to one device (``CUDA_VISIBLE_DEVICES``), at
 most one job per GPU at a time; the resolved settings travel as JSON, so a child trains
@@ -11,7 +12,6 @@ with exactly the parent's config. A job that fails does not stop the others; its
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import subprocess
@@ -19,16 +19,26 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from liverpipe.errors import LiverpipeError
 from liverpipe.models import MODELS
+from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
 from liverpipe.settings import Settings, Stage
 from liverpipe.train import TrainResult, train
+from storage import SliceStore
 
-__all__ = ["STAGES", "ModelOutcome", "parse_gpus", "read_result", "train_all", "visible_gpus"]
+__all__ = [
+    "STAGES",
+    "ModelOutcome",
+    "parse_gpus",
+    "read_result",
+    "start_run",
+    "train_all",
+    "visible_gpus",
+]
 
 #: The stages train-all trains for each model, in order.
 STAGES: tuple[Stage, ...] = ("liver", "tumour")
@@ -64,19 +74,40 @@ def parse_gpus(text: str) -> list[str] | None:
 
 def read_result(run_dir: Path) -> TrainResult:
     """The ``result.json`` a finished training run leaves in its folder."""
-    path = run_dir / "result.json"
-    if not path.is_file():
-        raise LiverpipeError(
-            run_dir,
-            "the run has no result.json, so it did not finish",
-            f"read {run_dir / 'train.log'} for the cause, then rerun with --resume",
-        )
-    data = json.loads(path.read_text())
-    nan = float("nan")
-    best, last = data["best_score"], data["last_loss"]
-    return TrainResult(
-        run_dir, int(data["steps"]), nan if best is None else best, nan if last is None else last
-    )
+    result = RunResult.read(StageDir(run_dir))
+    return TrainResult(run_dir, result.steps, result.best_score, result.last_loss)
+
+
+def start_run(
+    runs_root: Path,
+    store_path: Path,
+    settings: Settings,
+    models: Sequence[str] = tuple(MODELS),
+    resume: bool = False,
+) -> Path:
+    """A new run folder ``RUNS/<run_id>`` with its ``run.json``; with ``resume``, the
+    newest run under ``runs_root`` (a new one when there is none)."""
+    runs_root = Path(runs_root)
+    if resume:
+        latest = latest_run(runs_root)
+        if latest is not None:
+            return latest
+    store = SliceStore.open(store_path)
+    cases = {split: store.cases(split) for split in ("train", "val", "test")}
+    recorded = settings.model_dump(mode="json")
+    run_id = new_run_id(recorded, cases)
+    folder = runs_root / run_id
+    folder.mkdir(parents=True)  # a run id is never reused
+    RunRecord(
+        run_id=run_id,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        store=str(Path(store_path).resolve()),
+        store_config_hash=store.meta.config_hash,
+        cases=cases,
+        models=list(models),
+        settings=recorded,
+    ).write(folder)
+    return folder
 
 
 def train_all(
@@ -99,6 +130,8 @@ def train_all(
     ``train.log``.
     """
     gpus = visible_gpus() if gpus is None else list(gpus)
+    record = runs_dir / RUN_RECORD
+    cases = RunRecord.read(runs_dir).cases if record.is_file() else None
     per_model = {m: _for_model(settings, m) for m in models}
     jobs = [(m, stage) for m in models for stage in stages]
     if len(gpus) < 2:
@@ -106,7 +139,7 @@ def train_all(
         for name, stage in jobs:
             on_step = on_start(f"{name} {stage}") if on_start else None
             outcome = _train_here(
-                store_path, runs_dir / name / stage, per_model[name], resume, on_step, stage
+                store_path, runs_dir / name / stage, per_model[name], resume, on_step, stage, cases
             )
             if on_done:
                 on_done(outcome)
@@ -121,7 +154,7 @@ def train_all(
         gpu = free.get()
         try:
             outcome = _train_child(
-                store_path, runs_dir / name / stage, per_model[name], resume, gpu, stage
+                store_path, runs_dir / name / stage, per_model[name], resume, gpu, stage, record
             )
         finally:
             free.put(gpu)
@@ -150,23 +183,31 @@ def _train_here(
     resume: bool,
     on_step: Callable[[int, float], None] | None,
     stage: Stage,
+    cases: dict[str, list[str]] | None,
 ) -> ModelOutcome:
     name = settings.stage(stage).model
     try:
-        result = train(store_path, run_dir, settings, resume, on_step, stage)
+        result = train(store_path, run_dir, settings, resume, on_step, stage, cases)
         return ModelOutcome(name, run_dir, result, stage=stage)
     except Exception as err:  # one model's failure must not stop the others
         return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}", stage=stage)
 
 
 def _train_child(
-    store_path: Path, run_dir: Path, settings: Settings, resume: bool, gpu: str, stage: Stage
+    store_path: Path,
+    run_dir: Path,
+    settings: Settings,
+    resume: bool,
+    gpu: str,
+    stage: Stage,
+    record: Path,
 ) -> ModelOutcome:
     name = settings.stage(stage).model
+    folder = StageDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings_file = run_dir / "settings.json"
+    settings_file = folder.settings
     settings_file.write_text(settings.model_dump_json(indent=2))
-    (run_dir / "result.json").unlink(missing_ok=True)
+    folder.result.unlink(missing_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -182,8 +223,10 @@ def _train_child(
     ]
     if resume:
         cmd.append("--resume")
+    if record.is_file():
+        cmd += ["--run-record", str(record)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-    log = run_dir / "train.log"
+    log = folder.log
     with log.open("a") as fh:
         code = subprocess.run(
             cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False

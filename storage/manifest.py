@@ -44,6 +44,8 @@ class ManifestEntry:
     warnings: tuple[str, ...] = ()
     #: A failure of the input itself: not retried until the source hash or config changes.
     permanent: bool = False
+    #: ``{"image": [size, mtime_ns, inode, ctime_ns], "label": [...]}`` when last hashed.
+    identity: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

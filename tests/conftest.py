@@ -89,19 +89,32 @@ def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both stages of the three models trained 20 steps on the tiny store (configs/tiny.toml):
-    RUNS/<model>/liver and RUNS/<model>/tumour."""
+def tiny_runs_root(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs root with one versioned run, champion of every key in registry.json: both
+    stages of the three models trained 20 steps on the tiny store (configs/tiny.toml)."""
+    from liverpipe.promotion import challenge
     from liverpipe.settings import load_settings
-    from liverpipe.train_all import train_all
+    from liverpipe.train_all import start_run, train_all
 
-    runs = tmp_path_factory.mktemp("runs")
+    root = tmp_path_factory.mktemp("runs")
     settings = load_settings(
         REPO / "configs" / "tiny.toml", {"train": {"steps": 20}, "tumour": {"steps": 20}}
     )
-    outcomes = train_all(tiny_store, runs, settings, gpus=[])
+    run = start_run(root, tiny_store, settings)
+    outcomes = train_all(tiny_store, run, settings, gpus=[])
     assert all(o.result is not None for o in outcomes), [o.error for o in outcomes]
-    return runs
+    assert all(d.promoted for d in challenge(root, run.name, settings.registry))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_runs_root: Path) -> Path:
+    """The run of ``tiny_runs_root``: RUNS/<run_id>/<model>/liver and .../tumour."""
+    from liverpipe.rundir import latest_run
+
+    run = latest_run(tiny_runs_root)
+    assert run is not None
+    return run
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from liverpipe.checkpoint import load_checkpoint
 from liverpipe.metrics import dice
 from liverpipe.models import build_model
 from liverpipe.pipeline import preprocess_dataset, serial_runner
@@ -24,7 +25,7 @@ from liverpipe.predict import Predictor, load_cascade, predict_path
 from liverpipe.settings import Settings, load_settings
 from liverpipe.stages import validate
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train import load_checkpoint, train
+from liverpipe.train import train
 from storage import SliceStore
 
 pytestmark = pytest.mark.slow

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from liverpipe.checkpoint import CheckpointMismatchError
 from liverpipe.evaluate import evaluate
 from liverpipe.metrics import class_masks, overlap
 from liverpipe.pipeline import preprocess_dataset, serial_runner
 from liverpipe.predict import Predictor, load_cascade, predict_path
 from liverpipe.settings import load_settings
-from liverpipe.train import CheckpointMismatchError
 from storage import SliceStore
 
 MODELS = ["deeplabv3plus", "ensemble", "manet", "unetplusplus"]

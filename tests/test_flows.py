@@ -48,6 +48,25 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
+def _tick_imports_torch(params: dict[str, str]) -> bool:
+    """Run one ingest tick in a fresh process against this session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    code = (
+        "import json, sys; from flows.ingest import ingest; "
+        f"r = ingest(**json.loads({json.dumps(json.dumps(params))})); "
+        "assert r['preprocess']['unchanged'] and not r['predict']['predicted'], r; "
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (answer,) = [line for line in out.stdout.splitlines() if line.startswith("TORCH ")]
+    return answer == "TORCH True"
+
+
 def test_preprocess_flow_on_an_external_dask_cluster(
     phantom_dir: Path, tmp_path: Path, external_cluster: str
 ) -> None:
@@ -66,15 +85,19 @@ def test_preprocess_flow_on_an_external_dask_cluster(
 
 
 def test_ingest_processes_only_new_scans_predicts_and_retrains(
-    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+    phantom_dir: Path, tiny_runs_root: Path, tmp_path: Path
 ) -> None:
-    from flows.ingest import STATE, ingest
+    from flows.ingest import ingest
+    from liverpipe.inbox import STATE
+    from liverpipe.registry import ENSEMBLE, Registry
+    from liverpipe.rundir import run_folders
 
     config = tmp_path / "ingest.toml"
     tiny = TINY.read_text().replace("steps = 30", "steps = 2")  # retraining: 2 steps
     config.write_text(tiny + "\n[ingest]\nmin_new_cases = 3\n")
     inbox, runs, outputs = tmp_path / "inbox", tmp_path / "runs", tmp_path / "outputs"
-    shutil.copytree(tiny_runs, runs)
+    shutil.copytree(tiny_runs_root, runs)
+    champion = Registry.load(runs).champions[ENSEMBLE]
     first = [_copy_case(phantom_dir, i, inbox) for i in (0, 1)]
     unlabelled = _copy_case(phantom_dir, 3, inbox, labelled=False)
     params = {
@@ -92,9 +115,19 @@ def test_ingest_processes_only_new_scans_predicts_and_retrains(
     scan = nib.load(next((inbox / "imagesTs").iterdir()))
     mask = nib.load(outputs / f"{unlabelled}.nii.gz")
     assert mask.shape == scan.shape and np.array_equal(mask.affine, scan.affine)
-    assert json.loads((outputs / f"{unlabelled}.json").read_text())["scan"].endswith(
-        scan.get_filename().rsplit("/", 1)[1]
-    )
+    measured = json.loads((outputs / f"{unlabelled}.json").read_text())
+    assert measured["scan"].endswith(scan.get_filename().rsplit("/", 1)[1])
+    assert measured["model_version"]["run_ids"] == [champion]
+    ledger = json.loads((outputs / "ledger.json").read_text())
+    assert ledger[unlabelled]["model_version"]["run_ids"] == [champion]
+
+    # Nothing new: no preprocessing subflow (no Dask cluster), no prediction.
+    idle = ingest(**params)
+    assert idle["preprocess"]["unchanged"] is True and idle["predict"]["predicted"] == []
+    assert idle["trained"] is False and idle["verified"] is False
+    verified = ingest(**params, verify=True)  # every file re-hashed: still nothing to do
+    assert verified["verified"] is True and verified["preprocess"]["processed"] == []
+    assert _tick_imports_torch(params) is False  # the whole flow, in a fresh process
 
     new = _copy_case(phantom_dir, 2, inbox)
     before = {**before, **{k: v for k, v in _digests(inbox).items() if k not in before}}
@@ -104,6 +137,9 @@ def test_ingest_processes_only_new_scans_predicts_and_retrains(
     assert two["predict"]["predicted"] == []  # the unlabelled scan was done already
     assert two["trained"] is True  # 3 labelled cases since the last training (none)
     assert sorted(json.loads((runs / STATE).read_text())["trained_on"]) == sorted([*first, new])
+    # The retrain is a new run beside the old one; the registry holds the decision.
+    assert [p.name for p in run_folders(runs)] == [champion, two["train"]["run_id"]]
+    assert Registry.load(runs).history[-1].run_id == two["train"]["run_id"]
     assert (tmp_path / "report" / "report.html").is_file()
     assert _digests(inbox) == before  # inbox files are never rewritten
 

@@ -12,9 +12,10 @@ import torch
 from conftest import REPO
 
 from liverpipe.augment import augment_batch
+from liverpipe.checkpoint import CheckpointMismatchError, load_checkpoint
 from liverpipe.sampling import ResidentSource, SliceSampler, SliceTable, StreamingSource
 from liverpipe.settings import AugmentConfig, load_settings
-from liverpipe.train import CheckpointMismatchError, load_checkpoint, train
+from liverpipe.train import train
 from storage import SliceStore
 
 TINY = REPO / "configs" / "tiny.toml"
@@ -266,14 +267,19 @@ def test_train_all_cli_trains_the_three_models(tiny_store: Path, tmp_path: Path)
         ],
     )
     assert result.exit_code == 0, result.output
+    (run,) = [p for p in tmp_path.iterdir() if (p / "run.json").is_file()]
     for name in ("unetplusplus", "manet", "deeplabv3plus"):
         for stage in ("liver", "tumour"):
-            assert (tmp_path / name / stage / "last.pt").is_file()
+            assert (run / name / stage / "last.pt").is_file()
             assert f"{name} {stage}: 2 steps" in result.stdout
-            record = json.loads((tmp_path / name / stage / "config.json").read_text())
+            record = json.loads((run / name / stage / "config.json").read_text())
             assert record["stage"] == stage
-            state = load_checkpoint(tmp_path / name / stage / "last.pt")
+            state = load_checkpoint(run / name / stage / "last.pt")
             assert state["identity"]["train"]["stage"] == stage
+    # The first run becomes the champion of every model and of the ensemble.
+    registry = json.loads((tmp_path / "registry.json").read_text())
+    assert set(registry["champions"].values()) == {run.name}
+    assert len(registry["champions"]) == 4
 
 
 def test_train_cli_reports_and_writes_the_run(tiny_store: Path, tmp_path: Path) -> None:

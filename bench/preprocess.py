@@ -48,6 +48,14 @@ def _dataset(root: Path, cases: int) -> list[tuple[Path, Path]]:
         return list(pool.map(_render, [(i, root) for i in chosen]))
 
 
+def _reused(root: Path, cases: int) -> list[tuple[Path, Path]] | None:
+    """The phantoms a previous run rendered, when there are exactly ``cases`` of them."""
+    images = sorted((root / "imagesTr").glob("*.nii.gz")) if root.is_dir() else []
+    if len(images) != cases:
+        return None
+    return [(p, root / "labelsTr" / p.name) for p in images]
+
+
 def _render(args: tuple[int, Path]) -> tuple[Path, Path]:
     index, root = args
     return write_case(render_case(21, index, "full"), root)
@@ -131,8 +139,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/out/preprocess"))
+    parser.add_argument(
+        "--paths",
+        default="liverpipe,monai,naive,floor",
+        help="comma-separated subset to run (for quick A/B runs; results need all four)",
+    )
+    parser.add_argument(
+        "--reuse-data", action="store_true", help="keep the phantoms of a previous run"
+    )
     args = parser.parse_args()
-    pairs = _dataset(args.out / "data", args.cases)
+    wanted = set(args.paths.split(","))
+    pairs = _reused(args.out / "data", args.cases) if args.reuse_data else None
+    pairs = pairs or _dataset(args.out / "data", args.cases)
     import nibabel as nib
 
     shapes = [nib.load(p).shape for p, _ in pairs]
@@ -156,9 +174,12 @@ def main() -> None:
 
     s = SliceStore.open(store)
     out_bytes = int(np.mean([np.prod(s.case(c).meta.shape) * 3 for c in s.cases()]))
-    monai, monai_peak = _pool(_monai, pairs, args.out / "monai")
-    naive, naive_peak = _pool(_naive, pairs, args.out / "naive")
-    floor, floor_peak = _pool(_floor, pairs, args.out / "floor", out_bytes)
+    skipped = (float("nan"), float("nan"))
+    monai, monai_peak = _pool(_monai, pairs, args.out / "monai") if "monai" in wanted else skipped
+    naive, naive_peak = _pool(_naive, pairs, args.out / "naive") if "naive" in wanted else skipped
+    floor, floor_peak = (
+        _pool(_floor, pairs, args.out / "floor", out_bytes) if "floor" in wanted else skipped
+    )
     n = len(pairs)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; {n} cases {shapes}, int16 .nii.gz, mean raw {raw_mb:.0f} MB"

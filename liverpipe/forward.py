@@ -15,7 +15,7 @@ store's own lattice, so the store's window is an exact sub-array of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from liverpipe.preprocess import (
     ZScoreStats,
     body_footprint,
     canonical_view,
+    crop_to_labels,
     encode,
     fraction_outside,
     hu_statistics,
@@ -96,27 +97,34 @@ def decode(stored: np.ndarray, intensity: Intensity) -> np.ndarray:
 
 
 def normalise(
-    hu: np.ndarray, cfg: PreprocessConfig, zscore: ZScoreStats | None
+    hu: np.ndarray, cfg: PreprocessConfig, zscore: ZScoreStats | None, slab: int = 32
 ) -> tuple[np.ndarray, Intensity]:
-    """HU (Z, Y, X) float32 -> the stored encoding and its :class:`Intensity` (in place)."""
-    if cfg.normalization == "window":
-        low, high = cfg.hu_window
-        normalised = normalize_ct(hu, cfg.hu_window)
-        stored, scale, offset = encode(normalised, cfg.storage_dtype, (0.0, 1.0))
-        return stored, Intensity("window", cfg.storage_dtype, scale, offset, high - low, low)
-    if zscore is None:
+    """HU (Z, Y, X) -> the stored encoding and its :class:`Intensity`, ``slab`` slices at
+    a time in float32 (no float32 copy of the whole volume)."""
+    if cfg.normalization == "zscore" and zscore is None:
         raise ConfigError(
             None,
             "normalization = 'zscore' needs the dataset's foreground statistics",
             "preprocess through `liverpipe preprocess`, or pass the store's zscore record",
         )
-    normalised = zscore_ct(hu, zscore)
-    value_range = (
-        (zscore.low - zscore.mean) / zscore.std,
-        (zscore.high - zscore.mean) / zscore.std,
-    )
-    stored, scale, offset = encode(normalised, cfg.storage_dtype, value_range)
-    return stored, Intensity("zscore", cfg.storage_dtype, scale, offset, zscore.std, zscore.mean)
+    if cfg.normalization == "window":
+        low, high = cfg.hu_window
+        value_range = (0.0, 1.0)
+        intensity = Intensity("window", cfg.storage_dtype, 1.0, 0.0, high - low, low)
+    else:
+        assert zscore is not None
+        value_range = (
+            (zscore.low - zscore.mean) / zscore.std,
+            (zscore.high - zscore.mean) / zscore.std,
+        )
+        intensity = Intensity("zscore", cfg.storage_dtype, 1.0, 0.0, zscore.std, zscore.mean)
+    stored = np.empty(hu.shape, dtype=np.dtype(cfg.storage_dtype))
+    scale, offset = 1.0, 0.0
+    for z0 in range(0, hu.shape[0], slab):
+        part = hu[z0 : z0 + slab].astype(np.float32)
+        part = normalize_ct(part, cfg.hu_window) if zscore is None else zscore_ct(part, zscore)
+        stored[z0 : z0 + slab], scale, offset = encode(part, cfg.storage_dtype, value_range)
+    return stored, replace(intensity, stored_scale=scale, stored_offset=offset)
 
 
 def forward_case(
@@ -183,7 +191,11 @@ def _forward_case(
         model_grid, yx = widen_to_body(geometry, grid, body)
         check_grid_size(image_info.path, model_grid, limits)
     hu = resample_image(
-        canonical, geometry.canonical_affine, model_grid, config.image_interpolation
+        canonical,
+        geometry.canonical_affine,
+        model_grid,
+        config.image_interpolation,
+        dtype=np.float16,
     )
     source = data if keep_source else None
     del data, canonical
@@ -229,5 +241,9 @@ def _forward_label(
     data = data.astype(np.uint8, copy=False)  # validated 0/1/2: free float labels now
     canonical = canonical_view(data, geometry)
     outside = fraction_outside(label_columns(canonical), window)
-    label = resample_label(canonical, geometry.canonical_affine, grid, config.label_interpolation)
-    return label, sha, outside
+    cropped = crop_to_labels(canonical, geometry.canonical_affine)
+    del data, canonical  # only the labelled part is kept from here on
+    if cropped is None:
+        return np.zeros(grid.shape, dtype=np.uint8), sha, outside
+    crop, affine = cropped
+    return resample_label(crop, affine, grid, config.label_interpolation), sha, outside

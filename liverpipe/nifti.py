@@ -11,7 +11,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import nibabel as nib
 import numpy as np
@@ -195,11 +195,15 @@ def _read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
     offset = _proxy_int(info.image, "offset")
     need = offset + int(np.prod(info.shape)) * info.disk_dtype.itemsize
     if info.path.name.endswith(".gz"):
-        blob = info.path.read_bytes()
-        digest = hashlib.sha256(blob).hexdigest()
+        # One pass over the file: its bytes are hashed as the decompressor reads them, and
+        # the compressed file is never held in memory whole.
+        sha = hashlib.sha256()
         buffer = np.empty(need, dtype=np.uint8)
-        got = _gunzip_into(info, blob, buffer.data)
-        del blob
+        with info.path.open("rb", buffering=0) as fh:
+            raw = _HashingReader(fh, sha)
+            got = _gunzip_into(info, io.BufferedReader(raw, _GUNZIP_PIECE), buffer.data)
+            raw.drain()  # whatever the decompressor did not need: hashed all the same
+        digest = sha.hexdigest()
     else:  # read the whole file once: it is both hashed and decoded
         buffer = np.empty(max(need, info.path.stat().st_size), dtype=np.uint8)
         with info.path.open("rb") as fh:
@@ -238,11 +242,32 @@ def _scaled(info: NiftiInfo, data: np.ndarray) -> np.ndarray:
     return data.astype(data.dtype.newbyteorder("="), order="F")
 
 
-def _gunzip_into(info: NiftiInfo, blob: bytes, out: memoryview) -> int:
-    """Decompress the gzip ``blob`` into ``out``; returns the bytes written."""
+class _HashingReader(io.RawIOBase):
+    """A raw file reader that feeds every byte it reads to ``digest``, once, in order."""
+
+    def __init__(self, fh: io.RawIOBase, digest: Any) -> None:
+        self.fh, self.digest = fh, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.fh.readinto(b) or 0
+        self.digest.update(memoryview(b)[:n])
+        return n
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the file."""
+        piece = bytearray(_GUNZIP_PIECE)
+        while self.readinto(piece):
+            pass
+
+
+def _gunzip_into(info: NiftiInfo, compressed: BinaryIO, out: memoryview) -> int:
+    """Decompress the gzip stream ``compressed`` into ``out``; returns the bytes written."""
     filled = 0
     try:
-        with igzip.GzipFile(fileobj=io.BytesIO(blob)) as gz:
+        with igzip.GzipFile(fileobj=compressed) as gz:
             while filled < len(out):  # in pieces: readinto allocates a temporary of its size
                 n = gz.readinto(out[filled : filled + _GUNZIP_PIECE])
                 if not n:

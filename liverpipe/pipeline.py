@@ -234,8 +234,11 @@ def plan(
         and entries[c.case_id].source_sha256
         and unchanged(entries[c.case_id].identity, identities[c.case_id], trust_ctime)
     }
-    rehash = [c for c in labelled if c.case_id not in known]
-    sources = {**known, **_source_hashes(rehash, threads)}
+    # New cases are work whatever their content: the task hashes their bytes as it
+    # decodes them (one read), so only known cases whose identity changed are hashed here.
+    rehash = [c for c in labelled if c.case_id not in known and c.case_id in entries]
+    fresh = {c.case_id: "" for c in labelled if c.case_id not in entries}
+    sources = {**known, **fresh, **_source_hashes(rehash, threads)}
     touched = {
         c.case_id: identities[c.case_id]
         for c in rehash
@@ -305,6 +308,16 @@ def _splits_for(
     return {cid: kept.get(cid) or assigned[cid] for cid in todo}
 
 
+def _case_sha256(job: CaseJob) -> str:
+    """A case's source hash, for a failure that came before the task hashed it (so the
+    same files are recognised, and not retried, next time)."""
+    try:
+        label = file_sha256(job.label) if job.label else None
+        return combine_hashes(file_sha256(job.image), label)
+    except OSError:
+        return ""
+
+
 def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> ManifestEntry:
     """The manifest record of a finished task (a task that raised is a failed case)."""
     now = utc_now()
@@ -320,7 +333,7 @@ def _entry(job: CaseJob, result: CaseResult | BaseException, source: str) -> Man
         case_id=job.case_id,
         status="ok" if result.ok else "failed",
         split=job.split,
-        source_sha256=result.source_sha256 or source,
+        source_sha256=result.source_sha256 or source or _case_sha256(job),
         config_hash=job.config_hash,
         image=str(job.image),
         label=str(job.label) if job.label else None,

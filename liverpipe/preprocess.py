@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import cc3d
 import numpy as np
@@ -226,16 +227,23 @@ def resample_to_grid(
 
 
 def resample_image(
-    canonical: np.ndarray, affine: np.ndarray, grid: Grid, interpolation: str, slab: int = 16
+    canonical: np.ndarray,
+    affine: np.ndarray,
+    grid: Grid,
+    interpolation: str,
+    slab: int = 16,
+    dtype: type[np.floating[Any]] = np.float32,
 ) -> np.ndarray:
-    """Resample a canonical (Z, Y, X) image onto ``grid`` in slabs of output slices; float32.
+    """Resample a canonical (Z, Y, X) image onto ``grid`` in slabs of output slices.
 
     Each slab reads only the source slices it needs (plus an interpolation margin) from
     ``canonical``, which may be a strided view: the whole volume is never copied, which
     bounds memory to the decoded volume plus one slab. For linear interpolation the result
-    equals a single full resample; B-spline prefiltering sees a 6-slice margin.
+    equals a single full resample; B-spline prefiltering sees a 6-slice margin. Each slab
+    is computed in float32 and kept as ``dtype`` (the forward path keeps float16 HU: half
+    the memory; rounding at most 2^-11 of the value: 0.0625 HU within ±256 HU).
     """
-    out = np.empty(grid.shape, dtype=np.float32)
+    out = np.empty(grid.shape, dtype=dtype)
     to_source = np.linalg.inv(affine) @ grid.affine  # stored (x, y, z, 1) -> source index
     margin = 2 if interpolation == "linear" else 6
     depth = canonical.shape[0]
@@ -271,8 +279,25 @@ def edge_clamped_slab(volume: np.ndarray, start: int, stop: int) -> tuple[np.nda
     depth = volume.shape[0]
     before = 1 if start == 0 else 0
     after = 1 if stop == depth else 0
+    if not before and not after:  # a plain slice: no copy when the view is contiguous
+        return np.ascontiguousarray(volume[start:stop]), start
     index = np.clip(np.arange(start - before, stop + after), 0, depth - 1)
     return np.ascontiguousarray(volume[index]), start - before
+
+
+def crop_to_labels(
+    canonical: np.ndarray, affine: np.ndarray, margin: int = 2
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The labelled part of a canonical (Z, Y, X) label map plus ``margin`` voxels (uint8,
+    contiguous; the input itself when nothing can be cut) and its affine; None when
+    nothing is labelled. Found slab by slab: no temporary is the size of the scan, and
+    masks built on the crop are the size of the liver, not of the scan."""
+    box = _support(canonical, margin)
+    if box is None:
+        return None
+    shift = np.eye(4)
+    shift[:3, 3] = (box[2].start, box[1].start, box[0].start)
+    return np.ascontiguousarray(canonical[box], dtype=np.uint8), affine @ shift
 
 
 def resample_label(
@@ -287,23 +312,32 @@ def resample_label(
     neighbour. Each mask is resampled only within its bounding box (everything outside
     is background), which makes labels several times cheaper than the image.
     """
-    labels = np.ascontiguousarray(canonical, dtype=np.uint8)
     out = np.zeros(grid.shape, dtype=np.uint8)
+    cropped = crop_to_labels(canonical, affine)
+    if cropped is None:
+        return out
+    labels, affine = cropped
     if interpolation == "nearest":
         _resample_in_box(labels, labels > 0, affine, grid, out, "nearest", lambda v: v)
         return out
-    liver, tumour = labels >= Label.LIVER, labels == Label.TUMOUR
-    del labels
-    _resample_in_box(
-        liver.view(np.uint8), liver, affine, grid, out, "linear", lambda v: (v >= 0.5) * Label.LIVER
-    )
+    liver = labels >= Label.LIVER  # one mask at a time: each is the size of the crop
+    _resample_in_box(liver.view(np.uint8), liver, affine, grid, out, "linear", _as_liver)
     del liver
+    tumour = labels == Label.TUMOUR
+    del labels
     tumour_out = np.zeros(grid.shape, dtype=np.uint8)
     _resample_in_box(
         tumour.view(np.uint8), tumour, affine, grid, tumour_out, "linear", lambda v: v >= 0.5
     )
     out[tumour_out > 0] = Label.TUMOUR
     return out
+
+
+def _as_liver(values: np.ndarray) -> np.ndarray:
+    """Interpolated liver mask -> uint8 labels (1 where it reaches 0.5), without an
+    integer temporary (a bool array viewed as uint8 is 0/1, and 1 is the liver label)."""
+    assert int(Label.LIVER) == 1
+    return (values >= 0.5).view(np.uint8)
 
 
 def _resample_in_box(
@@ -340,9 +374,21 @@ def _resample_in_box(
     out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = encode_values(resampled)
 
 
-def _support(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
-    """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``."""
-    box = bounding_box(mask)
+def _support(mask: np.ndarray, margin: int, slab: int = 32) -> tuple[slice, slice, slice] | None:
+    """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``;
+    ``slab`` slices at a time, so no temporary is larger than a slab."""
+    boxes = [
+        (z0, found)
+        for z0 in range(0, mask.shape[0], slab)
+        if (found := bounding_box(mask[z0 : z0 + slab])) is not None
+    ]
+    if not boxes:
+        return None
+    box = (
+        slice(boxes[0][0] + boxes[0][1][0].start, boxes[-1][0] + boxes[-1][1][0].stop),
+        slice(min(b[1].start for _, b in boxes), max(b[1].stop for _, b in boxes)),
+        slice(min(b[2].start for _, b in boxes), max(b[2].stop for _, b in boxes)),
+    )
     if box is None:
         return None
     z, y, x = (
@@ -396,28 +442,53 @@ def slice_counts(label: np.ndarray) -> dict[str, list[int]]:
 
 
 def hu_statistics(
-    hu: np.ndarray, label: np.ndarray | None, body_threshold: float
+    hu: np.ndarray, label: np.ndarray | None, body_threshold: float, slab: int = 32
 ) -> dict[str, float]:
-    """HU mean, std and percentiles inside the body and inside the liver (labels 1 and 2)."""
-    rng = np.random.default_rng(0)
-    stats: dict[str, float] = {}
-    regions = {"body": hu > body_threshold}
+    """HU mean, std and percentiles inside the body and inside the liver (labels 1 and 2).
+
+    Percentiles come from 200,000 voxels drawn at random (seed 0) from the region. The
+    volume is read ``slab`` slices at a time: no temporary is the size of the scan."""
+    regions: dict[str, Callable[[int, int], np.ndarray]] = {
+        "body": lambda z0, z1: hu[z0:z1] > body_threshold
+    }
     if label is not None:
-        regions["liver"] = label > 0
+        regions["liver"] = lambda z0, z1: label[z0:z1] > 0
+    stats: dict[str, float] = {}
+    rng = np.random.default_rng(0)  # one stream: the liver's draw follows the body's
     for name, mask in regions.items():
-        values = hu[mask]
-        if values.size == 0:
-            continue
-        sample = values if values.size <= 200_000 else values[rng.integers(0, values.size, 200_000)]
-        p005, p50, p995 = np.percentile(sample, [0.5, 50, 99.5])
-        stats.update(
-            {
-                f"{name}_voxels": float(values.size),
-                f"{name}_mean": float(values.mean(dtype=np.float64)),
-                f"{name}_std": float(values.std(dtype=np.float64)),
-                f"{name}_p0.5": float(p005),
-                f"{name}_median": float(p50),
-                f"{name}_p99.5": float(p995),
-            }
-        )
+        found = _region_stats(hu, mask, slab, rng)
+        if found is not None:
+            stats.update({f"{name}_{key}": value for key, value in found.items()})
     return stats
+
+
+def _region_stats(
+    hu: np.ndarray, mask: Callable[[int, int], np.ndarray], slab: int, rng: np.random.Generator
+) -> dict[str, float] | None:
+    bounds = [(z0, min(z0 + slab, hu.shape[0])) for z0 in range(0, hu.shape[0], slab)]
+    counts = [int(np.count_nonzero(mask(z0, z1))) for z0, z1 in bounds]
+    size = sum(counts)
+    if size == 0:
+        return None
+    total = sum(float(hu[z0:z1][mask(z0, z1)].sum(dtype=np.float64)) for z0, z1 in bounds)
+    mean = total / size
+    squares = sum(
+        float(np.square(hu[z0:z1][mask(z0, z1)].astype(np.float64) - mean).sum())
+        for z0, z1 in bounds
+    )
+    picks = np.arange(size) if size <= 200_000 else rng.integers(0, size, 200_000)
+    sample = np.empty(picks.size, dtype=np.float32)
+    starts = np.cumsum([0, *counts])
+    for (z0, z1), first, last in zip(bounds, starts[:-1], starts[1:], strict=True):
+        inside = (picks >= first) & (picks < last)
+        if inside.any():
+            sample[inside] = hu[z0:z1][mask(z0, z1)][picks[inside] - first]
+    p005, p50, p995 = np.percentile(sample, [0.5, 50, 99.5])
+    return {
+        "voxels": float(size),
+        "mean": mean,
+        "std": float(np.sqrt(squares / size)),
+        "p0.5": float(p005),
+        "median": float(p50),
+        "p99.5": float(p995),
+    }

@@ -135,6 +135,11 @@ class ResidentSource:
         scale, offset = decode_scale(store, table.case_ids[0])
         self.scale, self.offset = scale, offset
         self.images = torch.cat(images).to(device)
+        # On the CPU the slices are decoded once (float32, twice the stored bytes) so a
+        # batch is one gather; a GPU keeps the stored dtype and decodes each batch.
+        self.decoded = device.type == "cpu"
+        if self.decoded:
+            self.images = self.images.float().mul_(scale).add_(offset)
         self.labels = torch.cat(labels).to(device)
         case_start = torch.tensor(starts[:-1], device=device)[
             torch.as_tensor(table.case, device=device)
@@ -154,7 +159,9 @@ class ResidentSource:
         window = torch.minimum(
             (z[:, None] + self.offsets[None, :]).clamp(min=0), depth[:, None] - 1
         )
-        images = self.images[start[:, None] + window].float() * self.scale + self.offset
+        images = self.images[start[:, None] + window]
+        if not self.decoded:
+            images = images.float() * self.scale + self.offset
         return images, self.labels[start + z].long()
 
 
@@ -166,9 +173,15 @@ class StreamingSource:
     """
 
     def __init__(
-        self, store: SliceStore, table: SliceTable, k: int, threads: int, prefetch: int
+        self,
+        store: SliceStore,
+        table: SliceTable,
+        k: int,
+        threads: int,
+        prefetch: int,
+        cache_bytes: int = 0,
     ) -> None:
-        self.reader = CaseReader(store, k)
+        self.reader = CaseReader(store, k, cache_bytes)
         self.table = table
         self.scale, self.offset = decode_scale(store, table.case_ids[0])
         self.readers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lp-read")
@@ -178,20 +191,29 @@ class StreamingSource:
         )
         self.pin = torch.cuda.is_available()
         for case_id in table.case_ids:  # open every case once, before threads share the reader
-            self.reader.sample(case_id, 0)
+            _, label = self.reader.sample(case_id, 0)
+        self.slice_shape = label.shape
 
     def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        def one(row: int) -> tuple[np.ndarray, np.ndarray]:
-            return self.reader.sample(
+        """Each reader decodes its samples straight into the batch's float32 buffer."""
+        images = np.empty((len(rows), self.reader.k, *self.slice_shape), dtype=np.float32)
+        labels = np.empty((len(rows), *self.slice_shape), dtype=np.int64)
+        scale, offset = np.float32(self.scale), np.float32(self.offset)
+
+        def one(i: int) -> None:
+            row = rows[i]
+            image, label = self.reader.sample(
                 self.table.case_ids[self.table.case[row]], int(self.table.z[row])
             )
+            np.multiply(image, scale, out=images[i])
+            images[i] += offset
+            labels[i] = label
 
-        samples = list(self.readers.map(one, rows))
-        images = torch.from_numpy(np.stack([s[0] for s in samples]).astype(np.float32))
-        labels = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.int64))
+        list(self.readers.map(one, range(len(rows))))
+        out_images, out_labels = torch.from_numpy(images), torch.from_numpy(labels)
         if self.pin:
-            images, labels = images.pin_memory(), labels.pin_memory()
-        return images * self.scale + self.offset, labels
+            out_images, out_labels = out_images.pin_memory(), out_labels.pin_memory()
+        return out_images, out_labels
 
     def submit(self, rows: np.ndarray) -> None:
         """Start reading a batch; :meth:`next` returns batches in submission order."""

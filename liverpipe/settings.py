@@ -244,6 +244,12 @@ class TrainConfig(_Frozen):
     resident_budget_gb: float = Field(8.0, gt=0)
     stream_threads: int = Field(4, ge=1, description="Reader threads in streaming mode.")
     prefetch: int = Field(4, ge=1, description="Batches read ahead in streaming mode.")
+    stream_cache_gb: float = Field(
+        2.0,
+        ge=0,
+        description="Streaming mode: decoded store chunks kept in RAM by the training "
+        "process (least recently used go first); 0 reads every sample from the store.",
+    )
     compile: bool = Field(False, description="torch.compile the model (CUDA).")
     augment: AugmentConfig = AugmentConfig()
 

@@ -70,12 +70,21 @@ def make_source(
     UNet++ at 64², docs/benchmarks.md), else streams it from Zarr."""
     if cfg.stage == "tumour":
         return RoiSource(store, table, cfg, device, sampler.rng, prepared)
-    bytes_needed = sum(int(np.prod(store.case(c).meta.shape)) * 3 for c in table.case_ids)
+    # float16 image + uint8 label per voxel; on the CPU the image is held decoded (float32).
+    per_voxel = 5 if device.type == "cpu" else 3
+    bytes_needed = sum(int(np.prod(store.case(c).meta.shape)) * per_voxel for c in table.case_ids)
     fits = bytes_needed < cfg.resident_budget_gb * 1e9
     resident = cfg.resident == "always" or (cfg.resident == "auto" and fits)
     if resident:
         return ResidentSource(store, table, cfg.context_slices, device)
-    return StreamingSource(store, table, cfg.context_slices, cfg.stream_threads, cfg.prefetch)
+    return StreamingSource(
+        store,
+        table,
+        cfg.context_slices,
+        cfg.stream_threads,
+        cfg.prefetch,
+        int(cfg.stream_cache_gb * 2**30),
+    )
 
 
 def resolve_steps(cfg: TrainConfig, rows: int, world: int) -> int:

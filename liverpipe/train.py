@@ -59,6 +59,7 @@ RUNTIME_FIELDS = frozenset(
         "resident",
         "resident_budget_gb",
         "stream_threads",
+        "stream_cache_gb",
         "prefetch",
         "compile",
     }

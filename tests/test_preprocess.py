@@ -309,3 +309,43 @@ def test_label_resampling_in_the_bounding_box_equals_the_full_grid(phantom_dir: 
         reference = np.where(tumour, 2, np.where(liver, 1, 0)).astype(np.uint8)
         assert (fast == reference).mean() > 0.99999
         assert (fast > 0).sum() > 1000
+
+
+@pytest.mark.parametrize("interpolation", ["label_linear", "nearest"])
+@pytest.mark.parametrize("z_span", [(0, 6), (3, 9), (14, 20), (0, 20)])
+def test_label_crop_first_gives_the_stored_labels_of_the_whole_volume_path(
+    interpolation: str, z_span: tuple[int, int]
+) -> None:
+    """resample_label crops to the labelled voxels before it builds the masks (issue 13:
+    memory). The stored labels must equal, voxel for voxel, those of the masks built on
+    the whole volume, also when the label touches the first or last slice or an edge."""
+    from liverpipe.labels import Label
+    from liverpipe.preprocess import Grid, _resample_in_box, resample_label
+
+    rng = np.random.default_rng(sum(z_span))
+    labels = np.zeros((20, 40, 36), dtype=np.uint8)
+    z0, z1 = z_span
+    labels[z0:z1, 0:17, 9:36] = Label.LIVER  # touches y = 0 and the last x
+    labels[z0:z1, 5:9, 20:26] = np.where(rng.random((z1 - z0, 4, 6)) > 0.3, Label.TUMOUR, 1)
+    affine = np.diag([0.8, 0.8, 1.25, 1.0])
+    affine[:3, 3] = (-10.0, 5.0, 30.0)
+    step = np.diag([2.0 / 0.8, 2.0 / 0.8, 2.5 / 1.25, 1.0])
+    step[:3, 3] = (0.3, -0.2, 0.25)
+    grid = Grid((10, 16, 15), affine @ step, (0, 0, 0))
+
+    reference = np.zeros(grid.shape, dtype=np.uint8)  # the masks on the whole volume
+    if interpolation == "nearest":
+        _resample_in_box(labels, labels > 0, affine, grid, reference, "nearest", lambda v: v)
+    else:
+        liver, tumour = labels >= 1, labels == 2
+        _resample_in_box(
+            liver.view(np.uint8), liver, affine, grid, reference, "linear", lambda v: (v >= 0.5) * 1
+        )
+        tumour_out = np.zeros(grid.shape, dtype=np.uint8)
+        _resample_in_box(
+            tumour.view(np.uint8), tumour, affine, grid, tumour_out, "linear", lambda v: v >= 0.5
+        )
+        reference[tumour_out > 0] = 2
+    got = resample_label(labels, affine, grid, interpolation)
+    np.testing.assert_array_equal(got, reference)
+    assert (got == 1).any() and (got == 2).any()

@@ -183,3 +183,30 @@ def test_reader_returns_k_adjacent_slices(store: SliceStore) -> None:
     assert (lab == 3).all()
     with pytest.raises(IndexError, match="outside case 'a'"):
         reader.sample("a", 5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 9])
+def test_chunk_cache_gives_the_same_samples_and_stays_in_its_budget(
+    store: SliceStore, k: int
+) -> None:
+    """Every slice of a 13-slice case (chunks of 4, windows across chunk edges and both
+    ends), read through an LRU that holds 2 chunks, equals the uncached read."""
+    rng = np.random.default_rng(k)
+    image = rng.normal(size=(13, 8, 8)).astype(np.float16)
+    label = rng.integers(0, 3, size=(13, 8, 8)).astype(np.uint8)
+    store.write_case(_meta("a", (13, 8, 8)), image, label)
+    store.commit(_entry("a"))
+    plain = CaseReader(store, k=k)
+    chunk_bytes = 4 * 8 * 8 * 3  # float16 image + uint8 label
+    cached = CaseReader(store, k=k, cache_bytes=2 * chunk_bytes)
+    order = [*range(13), *rng.permutation(13), 12, 12, 0]
+    for z in order:
+        want, want_label = plain.sample("a", int(z))
+        got, got_label = cached.sample("a", int(z))
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_label, want_label)
+        np.testing.assert_array_equal(want[k // 2], image[z])
+        assert cached.cache.bytes <= 2 * chunk_bytes
+    assert cached.cache.hits > 0 and cached.cache.misses > 0
+    got_label[:] = 7  # a caller's copy: the cache is not changed through it
+    assert cached.sample("a", 12)[1].max() <= 2

@@ -44,21 +44,27 @@ def test_sampler_oversamples_foreground(tiny_store: Path) -> None:
     assert set(np.unique(table.case[rows])) == set(range(len(table.case_ids)))
 
 
-def test_resident_and_streaming_sources_give_the_same_batches(tiny_store: Path) -> None:
+@pytest.mark.parametrize("cache_bytes", [0, 2**24])
+def test_resident_and_streaming_sources_give_the_same_batches(
+    tiny_store: Path, cache_bytes: int
+) -> None:
     store = SliceStore.open(tiny_store)
     table = SliceTable.from_store(store, store.cases("train"))
-    rows = SliceSampler(table, (1 / 3, 1 / 3), seed=3).draw(16)
+    sampler = SliceSampler(table, (1 / 3, 1 / 3), seed=3)
     resident = ResidentSource(store, table, 3, torch.device("cpu"))
-    streaming = StreamingSource(store, table, 3, threads=3, prefetch=2)
+    streaming = StreamingSource(store, table, 3, threads=3, prefetch=2, cache_bytes=cache_bytes)
     try:
-        streaming.submit(rows)
-        stream_images, stream_labels = streaming.next()
+        for _ in range(3):  # later batches come partly from the chunk cache
+            rows = sampler.draw(16)
+            streaming.submit(rows)
+            stream_images, stream_labels = streaming.next()
+            images, labels = resident.batch(rows)
+            assert images.shape == (16, 3, 64, 64) and labels.shape == (16, 64, 64)
+            torch.testing.assert_close(images, stream_images)
+            assert torch.equal(labels, stream_labels)
     finally:
         streaming.close()
-    images, labels = resident.batch(rows)
-    assert images.shape == (16, 3, 64, 64) and labels.shape == (16, 64, 64)
-    torch.testing.assert_close(images, stream_images)
-    assert torch.equal(labels, stream_labels)
+    assert (streaming.reader.cache.hits > 0) == (cache_bytes > 0)
 
 
 def test_augmentation_is_deterministic_and_keeps_image_and_label_aligned() -> None:

@@ -123,21 +123,33 @@ def check(
     config: ConfigOpt = None,
 ) -> None:
     """Validate every case as preprocessing would: headers, data, labels, thickness and
-    the stored crop's field of view. Exit 1 if any case is bad.
+    the stored crop's field of view. A folder of DICOM slices is checked series by series.
+    Exit 1 if any case is bad.
 
     Example: liverpipe check /data/Task03_Liver --json
     """
     from liverpipe.dataset import discover_scans
+    from liverpipe.dicom import check_series, holds_dicom
+    from liverpipe.nifti import is_nifti
     from liverpipe.validate import check_dataset
 
     settings = _settings(config)
-    index = discover_scans(data_dir)
-    reports = []
-    with _progress() as bar:
-        task = bar.add_task("checking", total=len(index.cases))
-        for report in check_dataset(index, settings.check, settings.preprocess):
-            reports.append(report)
-            bar.advance(task)
+    dicom = (
+        data_dir.is_dir()
+        and not (data_dir / "imagesTr").is_dir()
+        and not any(is_nifti(p) for p in data_dir.iterdir())
+        and holds_dicom(data_dir)
+    )
+    if dicom:  # a folder of DICOM series: each series is one case
+        reports = check_series(data_dir, settings.check, settings.preprocess)
+    else:
+        index = discover_scans(data_dir)
+        reports = []
+        with _progress() as bar:
+            task = bar.add_task("checking", total=len(index.cases))
+            for report in check_dataset(index, settings.check, settings.preprocess):
+                reports.append(report)
+                bar.advance(task)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in reports], indent=2))
     else:
@@ -464,6 +476,14 @@ def predict_cmd(
         typer.Option(min=0, help="Tumour components smaller than this (mm³) become liver."),
     ] = 0.0,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
+    seg: Annotated[
+        bool,
+        typer.Option(
+            "--seg",
+            help="For DICOM series, also write OUTPUT/<series>.seg.dcm (DICOM-SEG, liver and "
+            "tumour segments referencing the source slices).",
+        ),
+    ] = False,
 ) -> None:
     """Segment new scans with the cascade: masks on each input's exact grid, plus
     measurements JSON.
@@ -493,7 +513,7 @@ def predict_cmd(
         for warning in outcome.get("warnings", []):
             err_console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
 
-    results = predict_path(predictor, source, output, on_done=report)
+    results = predict_path(predictor, source, output, on_done=report, seg=seg)
     failed = [p for p, r in results.items() if isinstance(r, Exception)]
     if failed:
         err_console.print(
@@ -501,6 +521,40 @@ def predict_cmd(
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+@app.command("convert")
+def convert_cmd(
+    series_dir: Annotated[
+        Path, typer.Argument(help="A folder of DICOM slices (one series, or several).")
+    ],
+    output: Annotated[
+        Path,
+        typer.Argument(help="OUT.nii.gz for one series; a folder when there are several."),
+    ],
+    config: ConfigOpt = None,
+) -> None:
+    """Write DICOM CT series as NIfTI: slices sorted along the slice normal, spacing from
+    the slice positions, HU after RescaleSlope/Intercept, the affine in RAS+ mm.
+
+    Example: liverpipe convert dicom/ct_series ct.nii.gz
+    """
+    import nibabel as nib
+
+    from liverpipe.dicom import find_series, write_nifti
+    from liverpipe.nifti import is_nifti
+
+    settings = _settings(config)
+    found = find_series(series_dir)
+    single = len(found) == 1 and is_nifti(output)
+    for series in found:
+        out = output if single else output / f"{series.name}.nii.gz"
+        write_nifti(series, out, settings.check)
+        image = nib.Nifti1Image.from_filename(out)
+        zooms = ", ".join(f"{z:.3f}" for z in image.header.get_zooms())
+        typer.echo(
+            f"{series.folder} ({len(series.files)} slices) -> {out}: {image.shape}, {zooms} mm"
+        )
 
 
 @app.command("evaluate")

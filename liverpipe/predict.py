@@ -11,6 +11,7 @@ beside it.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from liverpipe.cascade import StageModels, liver_stage, tumour_stage
+from liverpipe.dicom import DicomSeries, find_series, holds_dicom, write_nifti
+from liverpipe.dicom_seg import write_seg
 from liverpipe.errors import LiverpipeError
 from liverpipe.inference import PreparedScan, native_labels, prepare_scan, tta_flips
 from liverpipe.measure import measure
@@ -229,12 +232,16 @@ def _json_path(mask: Path) -> Path:
     return mask.with_name(f"{name}.json")
 
 
-def predict_file(predictor: Predictor, scan: Path, out: Path) -> dict[str, Any]:
-    """Predict one scan into ``out`` (NIfTI) and ``out``'s ``.json`` measurements."""
+def predict_file(
+    predictor: Predictor, scan: Path, out: Path, source: str | None = None
+) -> dict[str, Any]:
+    """Predict one scan into ``out`` (NIfTI) and ``out``'s ``.json`` measurements;
+    ``source`` names the input in the JSON when ``scan`` stands in for it (a DICOM
+    series converted to NIfTI)."""
     labels, prepared = predictor.predict(scan)
     write_labels(labels, prepared.info, out)
     record = {
-        "scan": str(scan),
+        "scan": source or str(scan),
         "mask": str(out),
         "model_version": predictor.version,
         "models": [str(r.checkpoint) for r in predictor.runs],
@@ -254,6 +261,7 @@ def predict_path(
     source: Path,
     output: Path,
     on_done: Callable[[Path, dict[str, Any] | Exception], None] | None = None,
+    seg: bool = False,
 ) -> dict[Path, dict[str, Any] | Exception]:
     """Predict a file into a file, or every NIfTI in a folder into a folder.
 
@@ -274,9 +282,13 @@ def predict_path(
             source, "no such file or folder", "pass a .nii/.nii.gz scan or a folder of them"
         )
     scans = sorted(p for p in source.iterdir() if is_nifti(p))
+    if not scans and holds_dicom(source):
+        return predict_dicom(predictor, source, output, on_done, seg)
     if not scans:
         raise LiverpipeError(
-            source, "the folder holds no .nii or .nii.gz files", "point INPUT at the scans"
+            source,
+            "the folder holds no .nii or .nii.gz files and no DICOM series",
+            "point INPUT at the scans",
         )
     results: dict[Path, dict[str, Any] | Exception] = {}
     for scan in scans:
@@ -293,3 +305,45 @@ def predict_path(
         if on_done:
             on_done(scan, results[scan])
     return results
+
+
+def predict_dicom(
+    predictor: Predictor,
+    folder: Path,
+    output: Path,
+    on_done: Callable[[Path, dict[str, Any] | Exception], None] | None = None,
+    seg: bool = False,
+) -> dict[Path, dict[str, Any] | Exception]:
+    """Predict every DICOM series under ``folder`` into ``OUTPUT/<series>.nii.gz`` (and
+    its JSON), on the grid the series defines. Each series is read, checked and written
+    as a temporary NIfTI, which then takes the forward path of any scan; a series that
+    fails is reported and the others go on. ``seg`` also writes ``<series>.seg.dcm``, a
+    DICOM-SEG that references the source slices; a series that cannot have one
+    (anonymised UIDs) keeps its NIfTI mask, and its JSON says why (``seg_error``)."""
+    results: dict[Path, dict[str, Any] | Exception] = {}
+    for series in find_series(folder):
+        try:
+            with tempfile.TemporaryDirectory(prefix="liverpipe-dicom-") as tmp:
+                scan = write_nifti(series, Path(tmp) / f"{series.name}.nii.gz")
+                mask = output / f"{series.name}.nii.gz"
+                record = predict_file(predictor, scan, mask, str(series.folder))
+            if seg:
+                record = _with_seg(record, series, mask)
+            results[series.folder] = record
+        except LiverpipeError as err:
+            results[series.folder] = err
+        if on_done:
+            on_done(series.folder, results[series.folder])
+    return results
+
+
+def _with_seg(record: dict[str, Any], series: DicomSeries, mask: Path) -> dict[str, Any]:
+    labels = np.asarray(nib.Nifti1Image.from_filename(mask).dataobj)
+    try:
+        path = write_seg(labels, series, mask.with_name(f"{series.name}.seg.dcm"))
+        record = {**record, "seg": str(path)}
+    except LiverpipeError as err:
+        record = {**record, "seg": None, "seg_error": str(err)}
+        record["warnings"] = [*record.get("warnings", []), str(err)]
+    _json_path(mask).write_text(json.dumps(record, indent=2))
+    return record

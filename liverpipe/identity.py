@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FileIdentity", "case_identity", "unchanged"]
+__all__ = ["FileIdentity", "case_identity", "folder_identity", "unchanged"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,19 @@ class FileIdentity:
         return [self.size, self.mtime_ns, self.inode, self.ctime_ns]
 
 
+def folder_identity(folder: Path) -> list[int]:
+    """The identity of a folder of files (a DICOM series): total size, newest mtime, the
+    folder's inode, newest ctime and the number of files, from a ``stat`` of each file."""
+    stats = [p.stat() for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+    return [
+        sum(st.st_size for st in stats),
+        max((st.st_mtime_ns for st in stats), default=0),
+        os.stat(folder).st_ino,
+        max((st.st_ctime_ns for st in stats), default=0),
+        len(stats),
+    ]
+
+
 def case_identity(image: Path, label: Path | None) -> dict[str, list[int]]:
     """The identities of a case's files, as the manifest and the ledger record them."""
     out = {"image": FileIdentity.of(image).to_list()}
@@ -58,5 +71,8 @@ def unchanged(
     only counts with ``trust_ctime``)."""
     if not recorded or set(recorded) != set(current):
         return False
-    width = 4 if trust_ctime else 3
-    return all(list(recorded[k])[:width] == list(current[k])[:width] for k in current)
+
+    def kept(identity: list[int]) -> list[int]:  # the ctime is the fourth value
+        return list(identity) if trust_ctime else [*identity[:3], *identity[4:]]
+
+    return all(kept(recorded[k]) == kept(current[k]) for k in current)

@@ -1,8 +1,8 @@
 """The scheduled ingest's bookkeeping: tick state, the prediction ledger, the model choice.
 
 An inbox has the dataset layout: ``imagesTr/`` + ``labelsTr/`` for labelled scans (the
-store's manifest tracks them) and ``imagesTs/`` for unlabelled ones (the ledger
-``OUTPUTS/ledger.json`` tracks them). Both trust a file whose identity
+store's manifest tracks them) and ``imagesTs/`` for unlabelled ones, NIfTI files or
+folders of DICOM series (the ledger ``OUTPUTS/ledger.json`` tracks them). Both trust a file whose identity
 (:mod:`liverpipe.identity`) is unchanged and hash only the others, so a tick that finds
 nothing new reads no scan; ``verify`` (or every ``[ingest] verify_every`` ticks) hashes
 them all.
@@ -18,6 +18,7 @@ Nothing here imports torch until a scan is to be predicted: the no-op tick stays
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from liverpipe._files import read_json, write_json_atomic
-from liverpipe.identity import FileIdentity, unchanged
+from liverpipe.errors import LiverpipeError
+from liverpipe.identity import FileIdentity, folder_identity, unchanged
 from liverpipe.nifti import case_id_of, file_sha256, is_nifti
 from liverpipe.registry import ENSEMBLE, Registry
 from liverpipe.settings import IngestConfig
@@ -98,9 +100,29 @@ def inbox_cases(store: SliceStore, inbox: Path) -> set[str]:
 
 
 def unlabelled_scans(inbox: Path) -> list[Path]:
-    """The NIfTI files of ``INBOX/imagesTs``, sorted."""
+    """The NIfTI files of ``INBOX/imagesTs`` and its sub-folders (each a DICOM series, or
+    a folder of them), sorted. Nothing is read: a folder that holds no series fails
+    once, when it is predicted, and is recorded so."""
     folder = Path(inbox) / "imagesTs"
-    return sorted(p for p in folder.iterdir() if is_nifti(p)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if is_nifti(p) or (p.is_dir() and not p.name.startswith("."))
+    )
+
+
+def _identity(scan: Path) -> list[int]:
+    return folder_identity(scan) if scan.is_dir() else FileIdentity.of(scan).to_list()
+
+
+def _sha256(scan: Path) -> str:
+    """A file's sha256, or for a folder the sha256 of its files' names and hashes."""
+    if not scan.is_dir():
+        return file_sha256(scan)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in scan.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(scan)}:{file_sha256(path)};".encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -148,8 +170,8 @@ def to_predict(
     predicted by another run than ``champion`` is predicted again."""
     todo, touched = [], []
     for scan in scans:
-        case_id = case_id_of(scan)
-        identity = FileIdentity.of(scan).to_list()
+        case_id = scan.name if scan.is_dir() else case_id_of(scan)
+        identity = _identity(scan)
         entry = ledger.entries.get(case_id)
         recorded = {"image": entry["identity"]} if entry and entry.get("identity") else None
         trusted = (
@@ -157,7 +179,7 @@ def to_predict(
             and not verify
             and unchanged(recorded, {"image": identity}, trust_ctime)
         )
-        digest = str(entry["sha256"]) if trusted and entry else file_sha256(scan)
+        digest = str(entry["sha256"]) if trusted and entry else _sha256(scan)
         if entry is None or entry.get("sha256") != digest:
             todo.append(Pending(scan, case_id, digest, identity, "changed" if entry else "new"))
             continue
@@ -186,7 +208,7 @@ def predict_pending(
     """Predict ``todo`` with the ensemble champion into OUTPUTS; the ledger is written
     after each scan, so a killed tick loses nothing. Returns (predicted, failed)."""
     from liverpipe.models import pick_device  # torch: only when there is a scan to predict
-    from liverpipe.predict import Predictor, load_cascade, predict_file
+    from liverpipe.predict import Predictor, load_cascade
     from liverpipe.promotion import champion_models
 
     device = pick_device()
@@ -200,7 +222,7 @@ def predict_pending(
         if item.reason == "new champion":
             versions.append(_keep_version(old, outputs))
         try:
-            record = predict_file(predictor, item.scan, outputs / f"{item.case_id}.nii.gz")
+            record = _predict_one(predictor, item, outputs)
         except Exception as err:  # this scan fails; the others go on
             # Recorded with its hash: the same bytes are not retried every tick.
             ledger.entries[item.case_id] = {**base, "error": str(err), "versions": versions}
@@ -219,6 +241,25 @@ def predict_pending(
                 on_scan(item, record)
         ledger.save(outputs)
     return predicted, failed
+
+
+def _predict_one(predictor: Any, item: Pending, outputs: Path) -> dict[str, Any]:
+    """One NIfTI scan, or every series of one DICOM folder (into OUTPUTS/<folder>/)."""
+    from liverpipe.predict import predict_dicom, predict_file
+
+    if not item.scan.is_dir():
+        return predict_file(predictor, item.scan, outputs / f"{item.case_id}.nii.gz")
+    results = predict_dicom(predictor, item.scan, outputs / item.case_id)
+    failed = [str(r) for r in results.values() if isinstance(r, Exception)]
+    if failed:
+        raise LiverpipeError(item.scan, f"{len(failed)} series failed: {failed[0]}", "see above")
+    records = [r for r in results.values() if not isinstance(r, Exception)]
+    return {
+        "mask": records[0]["mask"],
+        "masks": [r["mask"] for r in records],
+        "model_version": records[0]["model_version"],
+        "tumour_count": sum(int(r["tumour_count"]) for r in records),
+    }
 
 
 def _keep_version(entry: Mapping[str, Any], outputs: Path) -> dict[str, Any]:

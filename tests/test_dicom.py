@@ -266,3 +266,39 @@ def test_write_seg_round_trips_the_real_liver_mask(real_series: Path, tmp_path: 
     assert (frames >= 1).sum() > 300_000
     np.testing.assert_array_equal(pixels[..., 0] > 0, frames >= 1)
     np.testing.assert_array_equal(pixels[..., 1] > 0, frames == 2)
+
+
+def test_ingest_predicts_a_series_folder_once(
+    real_series: Path, tiny_runs_root: Path, tmp_path: Path
+) -> None:
+    """A series folder in INBOX/imagesTs is one unlabelled case: predicted once with the
+    champion, recorded by folder identity, and not read again while it is unchanged."""
+    import os
+
+    from liverpipe.inbox import Ledger, champion, predict_pending, to_predict, unlabelled_scans
+
+    runs, out = tmp_path / "runs", tmp_path / "outputs"
+    shutil.copytree(tiny_runs_root, runs)
+    inbox = tmp_path / "inbox"
+    study = _copy(real_series, inbox / "imagesTs" / "ct_study", lambda i, ds: None)
+    (inbox / "imagesTs" / "empty_folder").mkdir()
+    best = champion(runs)
+    scans = unlabelled_scans(inbox)
+    assert scans == [study, inbox / "imagesTs" / "empty_folder"]
+    ledger = Ledger()
+    todo, _ = to_predict(scans, ledger, best)
+    assert [(p.case_id, p.reason) for p in todo] == [("ct_study", "new"), ("empty_folder", "new")]
+    predicted, failed = predict_pending(todo, ledger, runs, out, tta=False)
+    assert predicted == ["ct_study"] and "holds no DICOM files" in failed["empty_folder"]
+    entry = Ledger.load(out).entries["ct_study"]
+    assert entry["model_version"]["run_ids"] == [best]
+    mask = nib.load(entry["mask"])
+    assert mask.shape == (512, 512, 20)
+    ledger = Ledger.load(out)
+    assert to_predict(scans, ledger, best) == ([], [])  # nothing new; the failure is not retried
+    first = sorted(study.iterdir())[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert to_predict(scans, ledger, best) == ([], ["ct_study"])  # re-hashed, same bytes
+    first.unlink()
+    todo, _ = to_predict(scans, ledger, best)
+    assert [(p.case_id, p.reason) for p in todo] == [("ct_study", "changed")]

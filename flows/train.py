@@ -20,11 +20,6 @@ from liverpipe.train_all import ModelOutcome, parse_gpus, start_run, train_all
 __all__ = ["decisions_markdown", "train_all_flow"]
 
 
-def _score(scores: dict[str, float | None], name: str) -> str:
-    value = scores.get(name)
-    return "-" if value is None else f"{value:.4f}"
-
-
 def decisions_markdown(decisions: list[Decision]) -> str:
     """The promotion decisions as a markdown table: both scores, the rule, the cases."""
     lines = [
@@ -35,12 +30,11 @@ def decisions_markdown(decisions: list[Decision]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for d in decisions:
-        new, old = d.scores.get("challenger", {}), d.scores.get("champion", {})
         verdict = ("forced " if d.forced else "") + ("promoted" if d.promoted else "rejected")
         lines.append(
-            f"| {d.key} | {d.run_id} | {verdict} | {_score(new, 'liver_dice')} / "
-            f"{_score(old, 'liver_dice')} | {_score(new, 'tumour_global_dice')} / "
-            f"{_score(old, 'tumour_global_dice')} | {d.reason} | {', '.join(d.cases) or '-'} |"
+            f"| {d.key} | {d.run_id} | {verdict} | {d.score_text('challenger', 'liver_dice')} / "
+            f"{d.score_text('champion', 'liver_dice')} | {d.score_text('challenger', 'tumour_global_dice')} / "
+            f"{d.score_text('champion', 'tumour_global_dice')} | {d.reason} | {', '.join(d.cases) or '-'} |"
         )
     if decisions and decisions[0].rule:
         rule = decisions[0].rule

@@ -39,25 +39,19 @@ ConfigOpt = Annotated[
 ]
 
 
-def _score(scores: dict[str, float | None], name: str) -> str:
-    value = scores.get(name)
-    return "-" if value is None else f"{value:.4f}"
-
-
 def print_decisions(decisions: Sequence[Decision]) -> None:
     """One line per key: promoted or not, the two scores and the reason."""
     table = Table(title="promotion (frozen test cases)")
     for column in ("key", "run", "decision", "liver Dice new/old", "tumour Dice new/old", "why"):
         table.add_column(column, no_wrap=column == "run")
     for d in decisions:
-        new, old = d.scores.get("challenger", {}), d.scores.get("champion", {})
         verdict = ("forced " if d.forced else "") + ("promoted" if d.promoted else "kept champion")
         table.add_row(
             d.key,
             d.run_id,
             verdict,
-            f"{_score(new, 'liver_dice')}/{_score(old, 'liver_dice')}",
-            f"{_score(new, 'tumour_global_dice')}/{_score(old, 'tumour_global_dice')}",
+            f"{d.score_text('challenger', 'liver_dice')}/{d.score_text('champion', 'liver_dice')}",
+            f"{d.score_text('challenger', 'tumour_global_dice')}/{d.score_text('champion', 'tumour_global_dice')}",
             f"{d.reason} ({len(d.cases)} case(s))" if d.cases else d.reason,
         )
     Console().print(table)

@@ -47,6 +47,11 @@ class Decision:
     cases: list[str] = field(default_factory=list)
     rule: dict[str, float] = field(default_factory=dict)
 
+    def score_text(self, who: str, name: str) -> str:
+        """One recorded score (``who``: challenger or champion) for a table, "-" when none."""
+        value = self.scores.get(who, {}).get(name)
+        return "-" if value is None else f"{value:.4f}"
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
         return cls(

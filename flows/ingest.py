@@ -12,6 +12,8 @@ The bookkeeping lives in :mod:`liverpipe.inbox`; this flow only orders the steps
    champion only if it is not worse than the current one.
 3. Unlabelled scans not predicted yet (or changed since) are predicted with the
    ensemble champion into OUTPUTS, recorded in ``OUTPUTS/ledger.json``.
+4. With ``[ingest] dicomweb_url``, the PACS's new CT series are predicted the same way
+   and each DICOM-SEG is stored back into its study (:mod:`liverpipe.pacs`).
 
 A tick with nothing new imports no torch and loads no model.
 """
@@ -110,6 +112,29 @@ def _predict(
     return {**result, "predicted": predicted, "failed": failed}
 
 
+def _pacs(runs: Path, outputs: Path, settings: Settings) -> dict[str, Any]:
+    """The PACS step; a PACS that does not answer fails this step, not the tick."""
+    from liverpipe.pacs import Pacs, PacsError, poll_pacs
+
+    logger = get_run_logger()
+    cfg = settings.ingest
+    assert cfg.dicomweb_url is not None
+    try:
+        polled = poll_pacs(
+            Pacs(cfg.dicomweb_url, cfg.dicomweb_timeout_s),
+            runs,
+            outputs,
+            tta=cfg.tta,
+            repredict=cfg.repredict_on_promotion,
+            lookback_days=cfg.dicomweb_lookback_days,
+            log=logger.info,
+        )
+    except PacsError as err:
+        logger.warning("%s", err)
+        return {"failed": {"pacs": str(err)}}
+    return {**polled.to_dict(), "failed": {f"pacs:{k}": v for k, v in polled.failed.items()}}
+
+
 @flow(name="ingest", log_prints=True)
 def ingest(
     inbox: str = "inbox",
@@ -141,10 +166,13 @@ def ingest(
             tick = replace(tick, trained_on=tuple(sorted(stored)))
             result["trained"] = True
     result["predict"] = _predict(inbox_dir, runs_dir, Path(outputs), settings, tick.verify)
+    if settings.ingest.dicomweb_url:
+        result["pacs"] = _pacs(runs_dir, Path(outputs), settings)
     tick.save(runs_dir)
     failed = [
         *(result["preprocess"] or {}).get("failed", {}),
         *result["predict"].get("failed", {}),
+        *result.get("pacs", {}).get("failed", {}),
     ]
     if failed:  # after everything else was done: the run ends failed, naming the scans
         raise LiverpipeError(

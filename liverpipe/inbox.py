@@ -42,6 +42,7 @@ __all__ = [
     "TickState",
     "begin_tick",
     "champion",
+    "champion_predictor",
     "inbox_cases",
     "predict_pending",
     "to_predict",
@@ -197,6 +198,16 @@ def champion(runs: Path) -> str | None:
     return Registry.load(runs).champions.get(ENSEMBLE)
 
 
+def champion_predictor(runs: Path, tta: bool) -> Any:
+    """The ensemble champion's :class:`~liverpipe.predict.Predictor` (imports torch)."""
+    from liverpipe.models import pick_device
+    from liverpipe.predict import Predictor, load_cascade
+    from liverpipe.promotion import champion_models
+
+    device = pick_device()
+    return Predictor([load_cascade(m, device) for m in champion_models(runs)], device, tta)
+
+
 def predict_pending(
     todo: list[Pending],
     ledger: Ledger,
@@ -207,12 +218,7 @@ def predict_pending(
 ) -> tuple[list[str], dict[str, str]]:
     """Predict ``todo`` with the ensemble champion into OUTPUTS; the ledger is written
     after each scan, so a killed tick loses nothing. Returns (predicted, failed)."""
-    from liverpipe.models import pick_device  # torch: only when there is a scan to predict
-    from liverpipe.predict import Predictor, load_cascade
-    from liverpipe.promotion import champion_models
-
-    device = pick_device()
-    predictor = Predictor([load_cascade(m, device) for m in champion_models(runs)], device, tta)
+    predictor = champion_predictor(runs, tta)
     outputs.mkdir(parents=True, exist_ok=True)
     predicted, failed = [], {}
     for item in todo:

@@ -313,20 +313,22 @@ def predict_dicom(
     output: Path,
     on_done: Callable[[Path, dict[str, Any] | Exception], None] | None = None,
     seg: bool = False,
+    source: str | None = None,
 ) -> dict[Path, dict[str, Any] | Exception]:
     """Predict every DICOM series under ``folder`` into ``OUTPUT/<series>.nii.gz`` (and
     its JSON), on the grid the series defines. Each series is read, checked and written
     as a temporary NIfTI, which then takes the forward path of any scan; a series that
     fails is reported and the others go on. ``seg`` also writes ``<series>.seg.dcm``, a
     DICOM-SEG that references the source slices; a series that cannot have one
-    (anonymised UIDs) keeps its NIfTI mask, and its JSON says why (``seg_error``)."""
+    (anonymised UIDs) keeps its NIfTI mask, and its JSON says why (``seg_error``).
+    ``source`` names the input in the JSON when ``folder`` is a temporary copy (a PACS)."""
     results: dict[Path, dict[str, Any] | Exception] = {}
     for series in find_series(folder):
         try:
             with tempfile.TemporaryDirectory(prefix="liverpipe-dicom-") as tmp:
                 scan = write_nifti(series, Path(tmp) / f"{series.name}.nii.gz")
                 mask = output / f"{series.name}.nii.gz"
-                record = predict_file(predictor, scan, mask, str(series.folder))
+                record = predict_file(predictor, scan, mask, source or str(series.folder))
             if seg:
                 record = _with_seg(record, series, mask)
             results[series.folder] = record

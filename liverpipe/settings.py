@@ -300,6 +300,21 @@ class IngestConfig(_Frozen):
         description="After a new champion is promoted, predict the already-predicted "
         "unlabelled scans again with it (the ledger keeps every version).",
     )
+    dicomweb_url: str | None = Field(
+        None,
+        description="A DICOMweb PACS to poll as an inbox (its root, e.g. Orthanc's "
+        "http://127.0.0.1:8042/dicom-web): each tick predicts its new CT series and stores "
+        "each DICOM-SEG back into its study (STOW-RS). None: no PACS.",
+    )
+    dicomweb_lookback_days: int = Field(
+        0,
+        ge=0,
+        description="Query only the PACS studies of the last N days (StudyDate); 0: every "
+        "CT series. Set it on a large archive, above the delay a study may take to arrive.",
+    )
+    dicomweb_timeout_s: float = Field(
+        60.0, gt=0, description="Timeout of each DICOMweb request (seconds)."
+    )
 
 
 class RegistryConfig(_Frozen):

@@ -229,6 +229,14 @@ def _state(
     }
 
 
+def _weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """What ``best.pt`` needs to predict: no optimiser, scheduler or RNG (a third of the bytes).
+
+    Resuming always starts from ``last.pt``, which keeps the full state.
+    """
+    return {k: state[k] for k in ("model", "step", "best", "identity")}
+
+
 def _one_step(
     run: _Run,
     fwd: torch.nn.Module,
@@ -474,7 +482,7 @@ def _validate_and_save(
         history.write(_json_line({"step": run.step, "val": metrics}))
         history.flush()
         if improved:
-            save_checkpoint(StageDir(run_dir).best, state)
+            save_checkpoint(StageDir(run_dir).best, _weights_only(state))
         save_checkpoint(StageDir(run_dir).last, state)
     dist.barrier()
 

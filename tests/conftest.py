@@ -42,6 +42,21 @@ def write_nifti(
     return path
 
 
+def copy_runs(source: Path, target: Path) -> Path:
+    """Copy a runs folder, hard-linking its checkpoints (hundreds of MB per run; CI disks
+    are small). Checkpoints are only ever replaced by a rename, never written in place, so
+    the source stays intact; every other file is a real copy that a test may edit."""
+    import shutil
+
+    def copy(src: str, dst: str) -> None:
+        if src.endswith(".pt"):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    return Path(shutil.copytree(source, target, copy_function=copy))
+
+
 @pytest.fixture
 def tiny_case(tmp_path: Path) -> Path:
     """A valid 2-case MSD-style dataset of 8x9x10 volumes; returns its root."""
@@ -189,3 +204,92 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
         prefect_test_harness(server_startup_timeout=120),
     ):
         yield
+
+
+def assign_uids(ds, study: str, series: str) -> None:
+    """Fresh, consistent UIDs on one slice of an anonymised series, as a
+    de-identification pipeline that keeps them writes it: the real DICOM fixture's were
+    blanked, and a PACS (Orthanc) refuses instances without them."""
+    import pydicom
+
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+ORTHANC_PLUGINS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    """A real Orthanc PACS with its DICOMweb plugin, on a free port of 127.0.0.1, with a
+    temporary storage folder and config file; stopped afterwards. Yields its DICOMweb
+    root URL. Orthanc 1.10 cannot choose its HTTP bind address: it listens on every
+    interface and, with ``RemoteAccessAllowed`` off, refuses every host but this one."""
+    import json
+    import shutil
+    import time
+    import urllib.request
+
+    binary = shutil.which("Orthanc")
+    plugin = next(
+        (
+            d / "libOrthancDicomWeb.so"
+            for d in ORTHANC_PLUGINS
+            if (d / "libOrthancDicomWeb.so").is_file()
+        ),
+        None,
+    )
+    if binary is None or plugin is None:
+        pytest.fail(
+            "Orthanc and its DICOMweb plugin are needed by the PACS tests: "
+            "`apt-get install orthanc orthanc-dicomweb` as root (.ci/run does it)"
+        )
+    port = free_port()
+    folder = tmp_path / "orthanc"
+    (folder / "db").mkdir(parents=True)
+    config = {
+        "Name": "liverpipe-test",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(plugin)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("wb")
+    proc = subprocess.Popen(
+        [binary, str(folder / "orthanc.json")], cwd=folder, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"Orthanc exited ({proc.returncode}): {(folder / 'orthanc.log').read_text()[-2000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{base}/system", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"Orthanc did not answer in 60 s: {(folder / 'orthanc.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        yield f"{base}/dicom-web"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

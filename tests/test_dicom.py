@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO
+from conftest import REPO, assign_uids, copy_runs
 from typer.testing import CliRunner
 
 from liverpipe.cli import app
@@ -195,14 +195,7 @@ def _with_uids(real: Path, target: Path) -> Path:
     keeps them would write it (the fixture's were blanked)."""
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
 
-    def assign(_: int, ds: pydicom.Dataset) -> None:
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPClassUID = pydicom.uid.CTImageStorage
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-
-    return _copy(real, target, assign)
+    return _copy(real, target, lambda _, ds: assign_uids(ds, study, series))
 
 
 def test_predict_writes_a_dicom_seg_that_reads_back_with_highdicom(
@@ -278,7 +271,7 @@ def test_ingest_predicts_a_series_folder_once(
     from liverpipe.inbox import Ledger, champion, predict_pending, to_predict, unlabelled_scans
 
     runs, out = tmp_path / "runs", tmp_path / "outputs"
-    shutil.copytree(tiny_runs_root, runs)
+    copy_runs(tiny_runs_root, runs)
     inbox = tmp_path / "inbox"
     study = _copy(real_series, inbox / "imagesTs" / "ct_study", lambda i, ds: None)
     (inbox / "imagesTs" / "empty_folder").mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, copy_runs, free_port
 
 from liverpipe.errors import LiverpipeError
 from storage import SliceStore
@@ -96,7 +96,7 @@ def test_ingest_processes_only_new_scans_predicts_and_retrains(
     tiny = TINY.read_text().replace("steps = 30", "steps = 2")  # retraining: 2 steps
     config.write_text(tiny + "\n[ingest]\nmin_new_cases = 3\n")
     inbox, runs, outputs = tmp_path / "inbox", tmp_path / "runs", tmp_path / "outputs"
-    shutil.copytree(tiny_runs_root, runs)
+    copy_runs(tiny_runs_root, runs)
     champion = Registry.load(runs).champions[ENSEMBLE]
     first = [_copy_case(phantom_dir, i, inbox) for i in (0, 1)]
     unlabelled = _copy_case(phantom_dir, 3, inbox, labelled=False)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_nifti
+from conftest import copy_runs, write_nifti
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
@@ -296,11 +295,11 @@ def test_mismatched_stage_pairs_are_refused(tiny_runs: Path, tmp_path: Path) -> 
     with pytest.raises(LiverpipeError, match="tumour-stage run, which needs the liver stage"):
         load_cascade(tiny_runs / "manet" / "tumour")
     swapped = tmp_path / "swapped"
-    shutil.copytree(tiny_runs / "manet" / "tumour", swapped / "liver")
+    copy_runs(tiny_runs / "manet" / "tumour", swapped / "liver")
     with pytest.raises(LiverpipeError, match="liver/ folder holds a tumour-stage run"):
         load_cascade(swapped)
     foreign = tmp_path / "foreign"
-    shutil.copytree(tiny_runs / "manet", foreign)
+    copy_runs(tiny_runs / "manet", foreign)
     config = foreign / "tumour" / "config.json"
     record = json.loads(config.read_text())
     record["store_config_hash"] = "0123456789abcdef"

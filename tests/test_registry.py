@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, copy_runs
 from typer.testing import CliRunner
 
+from liverpipe.checkpoint import save_checkpoint
 from liverpipe.cli import app
 from liverpipe.errors import LiverpipeError
 from liverpipe.identity import FileIdentity
@@ -155,7 +156,7 @@ def _copy_run(source: Path, root: Path, label: str) -> str:
     """A new versioned run in ``root`` whose models are ``source``'s (its own run id)."""
     record = RunRecord.read(source)
     run_id = new_run_id({"copy": label}, record.cases)
-    shutil.copytree(source, root / run_id)
+    copy_runs(source, root / run_id)
     data = {**record.to_dict(), "run_id": run_id}
     (root / run_id / "run.json").write_text(json.dumps(data))
     return run_id
@@ -170,14 +171,13 @@ def _blind(run: Path) -> None:
         ]
         assert bias, sorted(state["model"])[-5:]
         state["model"][bias[-1]][:] = torch.tensor([1e4, -1e4, -1e4])
-        torch.save(state, checkpoint)
+        save_checkpoint(checkpoint, state)  # a rename: a hard-linked source stays intact
 
 
 @pytest.fixture
 def runs_root(tiny_runs_root: Path, tmp_path: Path) -> Path:
     root = tmp_path / "runs"
-    shutil.copytree(tiny_runs_root, root)
-    return root
+    return copy_runs(tiny_runs_root, root)
 
 
 def test_train_all_run_is_versioned_and_records_its_cases(

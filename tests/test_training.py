@@ -191,6 +191,9 @@ def test_each_model_learns_on_the_tiny_store(tiny_store: Path, tmp_path: Path, m
     }
     state = load_checkpoint(tmp_path / model / "best.pt")
     assert state["identity"]["train"]["model"] == model
+    # best.pt predicts: weights only. last.pt resumes: optimiser, scheduler and RNG too.
+    assert set(state) == {"model", "step", "best", "identity"}
+    assert {"optimiser", "scheduler", "rng"} <= set(load_checkpoint(tmp_path / model / "last.pt"))
 
 
 @pytest.mark.parametrize("resident", ["never", "always"])

@@ -586,7 +586,7 @@ def evaluate_cmd(
     """
     from liverpipe.evaluate import SPLITS, evaluate
     from liverpipe.models import pick_device
-    from liverpipe.report import headline_rows, write_report
+    from liverpipe.report import HEADLINE, headline_rows, write_report
 
     splits = split or list(SPLITS)
     unknown = sorted(set(splits) - set(SPLITS))
@@ -609,15 +609,7 @@ def evaluate_cmd(
     paths = write_report(result, runs, out)
     aggregates = json.loads(paths["metrics"].read_text())["aggregates"]
     table = Table(title="headline (mean over cases)")
-    for column in (
-        "model",
-        "liver Dice",
-        "tumour Dice",
-        "tumour global Dice",
-        "liver HD95",
-        "tumour HD95",
-        "lesion F1",
-    ):
+    for column in ("model", *(label for label, _, _ in HEADLINE)):
         table.add_column(column)
     for row in headline_rows(aggregates):
         table.add_row(*row)

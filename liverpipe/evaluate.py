@@ -187,6 +187,16 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         classes[name]["true_negative_cases"] = sum(
             1 for p in per if p["tp"] + p["fp"] + p["fn"] == 0
         )
+        # The clinical pair: Dice where the class is there, and no false alarm where it
+        # is not (the LiTS rule's mean mixes both, so a model that never predicts tumour
+        # scores the share of tumour-free cases).
+        present = [p for p in per if p["tp"] + p["fn"] > 0]
+        absent = len(per) - len(present)
+        classes[name]["dice_present"] = _stats([p["dice"] for p in present])
+        classes[name]["absent_cases"] = absent
+        classes[name]["clean_when_absent"] = (
+            classes[name]["true_negative_cases"] / absent if absent else math.nan
+        )
     lesions = sum(
         (
             LesionCounts(

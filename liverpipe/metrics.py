@@ -168,8 +168,8 @@ def surface_distances(
     scale = np.asarray([float(s) for s in spacing])
     p_points = np.argwhere(_surface(p[box])) * scale
     t_points = np.argwhere(_surface(t[box])) * scale
-    to_t = cKDTree(t_points).query(p_points)[0]
-    to_p = cKDTree(p_points).query(t_points)[0]
+    to_t = cKDTree(t_points).query(p_points, workers=-1)[0]
+    to_p = cKDTree(p_points).query(t_points, workers=-1)[0]
     hd95 = max(float(np.percentile(to_t, 95)), float(np.percentile(to_p, 95)))
     assd = float(np.concatenate([to_t, to_p]).mean())
     return {"hd95": hd95, "assd": assd}

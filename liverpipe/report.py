@@ -28,10 +28,13 @@ from liverpipe.rundir import StageDir, resolve_run
 __all__ = ["HEADLINE", "headline_rows", "headline_split", "write_report"]
 
 SPLIT_NAMES = {"train": "Training", "val": "Validation", "test": "Test"}
+#: (label, path into an aggregate, higher is better). Tumour Dice is over the cases that
+#: have tumour; "clean" is the share of tumour-free cases given no tumour at all.
 HEADLINE = [
     ("liver Dice", ("classes", "liver", "dice"), True),
-    ("tumour Dice", ("classes", "tumour", "dice"), True),
+    ("tumour Dice (cases with tumour)", ("classes", "tumour", "dice_present"), True),
     ("tumour global Dice", ("classes", "tumour", "global_dice"), True),
+    ("tumour-free cases clean", ("classes", "tumour", "clean_when_absent"), True),
     ("liver HD95 mm", ("classes", "liver", "hd95"), False),
     ("tumour HD95 mm", ("classes", "tumour", "hd95"), False),
     ("lesion F1", ("lesions", "f1"), True),

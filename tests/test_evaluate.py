@@ -170,3 +170,47 @@ def test_docs_state_the_rules_the_code_applies() -> None:
     text = (REPO / "docs" / "evaluation.md").read_text()
     assert empty_rule_text("lits") in text and empty_rule_text("exclude") in text
     assert LESION_RULE in text
+
+
+def test_the_headline_scores_tumour_where_it_is_and_false_alarms_where_it_is_not() -> None:
+    """A model that never predicts tumour must not look good: tumour Dice is taken over
+    the cases with tumour, and tumour-free cases count as clean only with no tumour."""
+    from liverpipe.evaluate import Evaluation, aggregate_value
+    from liverpipe.metrics import case_metrics
+    from liverpipe.report import HEADLINE, headline_rows
+
+    truth_with = np.zeros((8, 16, 16), np.uint8)
+    truth_with[2:6, 2:14, 2:14] = 1
+    truth_with[3:5, 4:8, 4:8] = 2
+    truth_without = np.where(truth_with == 2, 1, truth_with).astype(np.uint8)
+    half = truth_with.copy()
+    half[3:5, 4:6, 4:8] = 1  # half of the tumour found: Dice 2/3
+    alarm = truth_without.copy()
+    alarm[3, 10:12, 10:12] = 2  # a false tumour in a tumour-free case
+    cases = {
+        "blind": [truth_without, truth_without, truth_without],  # never predicts tumour
+        "finder": [half, truth_without, alarm],
+    }
+    truths = [truth_with, truth_without, truth_without]
+    evaluation = Evaluation("s", "h", list(cases), {"test": ["a", "b", "c"]})
+    for model, preds in cases.items():
+        for case_id, pred, truth in zip("abc", preds, truths, strict=True):
+            row = case_metrics(pred, truth, (1.0, 1.0, 1.0))
+            evaluation.cases.append(
+                {"case_id": case_id, "split": "test", "model": model, "loss": 0.0, **row}
+            )
+    per = evaluation.aggregates()
+    paths = {label: path for label, path, _ in HEADLINE}
+    dice = paths["tumour Dice (cases with tumour)"]
+    clean = paths["tumour-free cases clean"]
+    # The LiTS-rule mean gives the blind model 2/3 for the two tumour-free cases.
+    assert aggregate_value(per["blind"]["test"], ("classes", "tumour", "dice")) == pytest.approx(
+        2 / 3
+    )
+    assert aggregate_value(per["blind"]["test"], dice) == 0.0
+    assert aggregate_value(per["blind"]["test"], clean) == 1.0
+    assert aggregate_value(per["finder"]["test"], dice) == pytest.approx(2 / 3)
+    assert aggregate_value(per["finder"]["test"], clean) == 0.5
+    rows = {r[0]: r for r in headline_rows(per)}
+    column = 1 + [label for label, _, _ in HEADLINE].index("tumour Dice (cases with tumour)")
+    assert rows["blind"][column] == "0.0000" and rows["finder"][column] == "0.6667"

@@ -18,7 +18,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install test lint demo serve down clean bench
+.PHONY: install orthanc test lint demo serve down clean bench
 
 install: $(STAMP)
 
@@ -32,7 +32,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The PACS tests start a real Orthanc with its DICOMweb plugin: Debian packages, installed
+# here with apt-get (as root, or through sudo) when missing. Where that cannot work, the
+# other tests still run and the PACS tests fail naming the packages.
+ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+orthanc:
+	@if ! command -v Orthanc >/dev/null || [ ! -f $(ORTHANC_PLUGIN) ]; then \
+	  sudo=""; if [ "$$(id -u)" -ne 0 ]; then sudo=sudo; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y orthanc orthanc-dicomweb \
+	    || { $$sudo apt-get update && $$sudo apt-get install -y orthanc orthanc-dicomweb; } \
+	    || echo "could not install orthanc and orthanc-dicomweb: the PACS tests will fail"; \
+	fi
+
+test: $(STAMP) orthanc
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -115,23 +115,27 @@ class Pacs:
                     offset=offset,  # noqa: B023 (called at once, inside this iteration)
                 ),
             )
-            found += [RemoteSeries.from_json(item) for item in page]
-            if len(page) < PAGE:
+            seen = {s.series_uid for s in found}
+            fresh = [RemoteSeries.from_json(item) for item in page]
+            found += [s for s in fresh if s.series_uid not in seen]
+            # A short page is the last; a page of nothing new means the server ignores
+            # ``offset`` (it would send the same page forever).
+            if len(page) < PAGE or len(found) == len(seen):
                 return [s for s in found if s.series_uid]
 
     def retrieve(self, series: RemoteSeries, folder: Path) -> Path:
-        """Write the series' instances into ``folder`` (one file each), as stored."""
-        instances = self._call(
-            f"WADO-RS retrieval of series {series.series_uid}",
-            lambda: self._client.retrieve_series(
-                series.study_uid,
-                series.series_uid,
-                media_types=(("application/dicom", _STORED),),
-            ),
-        )
+        """Write the series' instances into ``folder`` (one file each, as stored), each as
+        it arrives: a series is never held in memory whole."""
         folder.mkdir(parents=True, exist_ok=True)
-        for number, ds in enumerate(instances):
-            ds.save_as(folder / f"{number:05d}.dcm", enforce_file_format=True)
+
+        def fetch() -> None:
+            instances = self._client.iter_series(
+                series.study_uid, series.series_uid, media_types=(("application/dicom", _STORED),)
+            )
+            for number, ds in enumerate(instances):
+                ds.save_as(folder / f"{number:05d}.dcm", enforce_file_format=True)
+
+        self._call(f"WADO-RS retrieval of series {series.series_uid}", fetch)
         return folder
 
     def store(self, path: Path) -> None:
@@ -294,7 +298,11 @@ class _Poll:
                 folder = self.pacs.retrieve(series, Path(tmp) / "ct")
                 out = self.outputs / "pacs" / uid
                 record = _one_record(predict_dicom(predictor, folder, out, seg=True, source=source))
-        except LiverpipeError as err:
+        except PacsError as err:  # the server, not the series: not recorded, tried next tick
+            self.result.failed[uid] = str(err)
+            self.log(f"PACS series {uid} could not be retrieved (tried again next tick): {err}")
+            return False
+        except LiverpipeError as err:  # the series itself: recorded, not retried unchanged
             self.ledger.entries[uid] = {**base, "error": str(err)}
             self.result.failed[uid] = str(err)
             self.log(f"PACS series {uid} failed: {err}")

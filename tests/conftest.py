@@ -226,8 +226,9 @@ ORTHANC_PLUGINS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/pl
 def orthanc(tmp_path: Path):
     """A real Orthanc PACS with its DICOMweb plugin, on a free port of 127.0.0.1, with a
     temporary storage folder and config file; stopped afterwards. Yields its DICOMweb
-    root URL. Orthanc 1.10 cannot choose its HTTP bind address: it listens on every
-    interface and, with ``RemoteAccessAllowed`` off, refuses every host but this one."""
+    root URL. Orthanc 1.10 (Debian 12) cannot choose its HTTP bind address: it listens on
+    every interface and, with ``RemoteAccessAllowed`` off, refuses every host but this
+    one. Newer releases bind to 127.0.0.1 only (``HttpBindAddresses``)."""
     import json
     import shutil
     import time
@@ -245,7 +246,7 @@ def orthanc(tmp_path: Path):
     if binary is None or plugin is None:
         pytest.fail(
             "Orthanc and its DICOMweb plugin are needed by the PACS tests: "
-            "`apt-get install orthanc orthanc-dicomweb` as root (.ci/run does it)"
+            "`apt-get install orthanc orthanc-dicomweb` as root (`make test` does it)"
         )
     port = free_port()
     folder = tmp_path / "orthanc"
@@ -255,6 +256,9 @@ def orthanc(tmp_path: Path):
         "StorageDirectory": str(folder / "db"),
         "IndexDirectory": str(folder / "db"),
         "HttpPort": port,
+        # Honoured by Orthanc releases since September 2025; 1.10 ignores it and listens
+        # on every interface, refusing all hosts but this one (RemoteAccessAllowed).
+        "HttpBindAddresses": ["127.0.0.1"],
         "DicomServerEnabled": False,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,

@@ -21,7 +21,9 @@ from liverpipe.pacs import (
     Pacs,
     PacsError,
     PacsLedger,
+    PollResult,
     RemoteSeries,
+    _Poll,
     poll_pacs,
     series_to_predict,
 )
@@ -182,3 +184,21 @@ def test_which_series_a_tick_predicts() -> None:
         ("1.2", "new champion"),
         ("1.3", "new champion"),
     ]
+
+
+def test_a_series_the_pacs_cannot_send_is_tried_again_not_recorded_as_bad(
+    orthanc: str, tmp_path: Path
+) -> None:
+    """A retrieval the server refuses (here: a series it does not hold, as when it is
+    deleted between the query and the retrieval) is the server's failure, not the
+    series': it is reported but not written to the ledger, so the next tick tries again."""
+    ghost = RemoteSeries(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 20)
+    ledger, result = PacsLedger(), PollResult()
+    poll = _Poll(Pacs(orthanc), ledger, tmp_path, result, log=lambda _: None)
+    assert poll.predict(None, ghost, "new") is False
+    assert (
+        ghost.series_uid in result.failed and "refused: HTTP 404" in result.failed[ghost.series_uid]
+    )
+    assert ledger.entries == {}
+    todo, _ = series_to_predict([ghost], ledger, "run", repredict=False)
+    assert [(s.series_uid, why) for s, why in todo] == [(ghost.series_uid, "new")]

@@ -22,15 +22,14 @@ import hashlib
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from liverpipe._files import read_json, write_json_atomic
 from liverpipe.errors import LiverpipeError
 from liverpipe.identity import FileIdentity, folder_identity, unchanged
 from liverpipe.nifti import case_id_of, file_sha256, is_nifti
-from liverpipe.registry import ENSEMBLE, Registry
+from liverpipe.registry import ENSEMBLE, Registry, utc_now
 from liverpipe.settings import IngestConfig
 from storage import SliceStore
 
@@ -51,10 +50,6 @@ __all__ = [
 
 LEDGER = "ledger.json"  # in OUTPUTS
 STATE = "ingest_state.json"  # in RUNS
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -134,14 +129,17 @@ class Ledger:
      "models"}, "versions": [earlier predictions: {"mask", "model_version", "time"}]}
     """
 
+    #: Where the ledger lives in OUTPUTS.
+    FILE: ClassVar[str] = LEDGER
+
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, outputs: Path) -> Ledger:
-        return cls(dict(read_json(Path(outputs) / LEDGER, {})))
+    def load(cls, outputs: Path) -> Self:
+        return cls(dict(read_json(Path(outputs) / cls.FILE, {})))
 
     def save(self, outputs: Path) -> None:
-        write_json_atomic(Path(outputs) / LEDGER, self.entries)
+        write_json_atomic(Path(outputs) / self.FILE, self.entries)
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def predict_pending(
     outputs.mkdir(parents=True, exist_ok=True)
     predicted, failed = [], {}
     for item in todo:
-        base = {"sha256": item.sha256, "identity": item.identity, "time": _now()}
+        base = {"sha256": item.sha256, "identity": item.identity, "time": utc_now()}
         old = ledger.entries.get(item.case_id, {})
         versions = list(old.get("versions", []))
         if item.reason == "new champion":

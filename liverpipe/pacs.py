@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydicom
 
-from liverpipe._files import read_json, write_json_atomic
 from liverpipe.errors import LiverpipeError
+from liverpipe.inbox import Ledger, champion, champion_predictor
+from liverpipe.registry import utc_now
 
 if TYPE_CHECKING:
     import requests
@@ -50,7 +51,7 @@ __all__ = [
     "series_to_predict",
 ]
 
-PACS_LEDGER = Path("pacs") / "ledger.json"  # in OUTPUTS
+PACS_LEDGER = "pacs/ledger.json"  # in OUTPUTS
 #: QIDO-RS page size: Orthanc and most PACS cap a query's results at 100-1000.
 PAGE = 500
 _STORED = "*"  # WADO-RS: the stored transfer syntax, untouched
@@ -173,21 +174,14 @@ def _status(response: requests.Response | None) -> str:
 
 
 @dataclass
-class PacsLedger:
+class PacsLedger(Ledger):
     """``OUTPUTS/pacs/ledger.json``, keyed by SeriesInstanceUID::
 
     {"study", "instances", "time", "mask" | "error", "seg", "stored" (bool),
      "store_error", "model_version"}
     """
 
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, outputs: Path) -> PacsLedger:
-        return cls(dict(read_json(Path(outputs) / PACS_LEDGER, {})))
-
-    def save(self, outputs: Path) -> None:
-        write_json_atomic(Path(outputs) / PACS_LEDGER, self.entries)
+    FILE: ClassVar[str] = PACS_LEDGER
 
 
 def series_to_predict(
@@ -213,10 +207,6 @@ def series_to_predict(
     return todo, unstored
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 @dataclass
 class PollResult:
     """What one poll did (series UIDs)."""
@@ -228,13 +218,7 @@ class PollResult:
     waiting: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "found": self.found,
-            "predicted": self.predicted,
-            "stored": self.stored,
-            "failed": self.failed,
-            "waiting": self.waiting,
-        }
+        return asdict(self)
 
 
 def poll_pacs(
@@ -253,11 +237,9 @@ def poll_pacs(
         PacsError: the query itself failed (nothing else was done). A failed retrieval,
             prediction or STOW is recorded per series and the others go on.
     """
-    from liverpipe.inbox import champion as champion_of
-
     since = datetime.now(UTC).date() - timedelta(days=lookback_days) if lookback_days else None
     remote = pacs.ct_series(since)
-    best = champion_of(runs)
+    best = champion(runs)
     poll = _Poll(pacs, PacsLedger.load(outputs), outputs, PollResult(found=len(remote)), log)
     todo, unstored = series_to_predict(remote, poll.ledger, best, repredict)
     for series in unstored:
@@ -266,9 +248,7 @@ def poll_pacs(
         log(f"{len(todo)} PACS series wait for a champion model")
         poll.result.waiting = [s.series_uid for s, _ in todo]
     elif todo:
-        from liverpipe.inbox import champion_predictor  # torch: only with a series to predict
-
-        predictor = champion_predictor(runs, tta)
+        predictor = champion_predictor(runs, tta)  # imports torch: only with work to do
         for series, reason in todo:
             if poll.predict(predictor, series, reason):
                 poll.store(series)
@@ -291,7 +271,7 @@ class _Poll:
         from liverpipe.predict import predict_dicom
 
         uid = series.series_uid
-        base = {"study": series.study_uid, "instances": series.instances, "time": _now()}
+        base = {"study": series.study_uid, "instances": series.instances, "time": utc_now()}
         source = f"{self.pacs.url}/studies/{series.study_uid}/series/{uid}"
         try:
             with tempfile.TemporaryDirectory(prefix="liverpipe-pacs-") as tmp:

@@ -48,9 +48,12 @@ orthanc:
 test: $(STAMP) orthanc
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# ruff, strict mypy and the import contract (the layers in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check liverpipe storage flows tests bench
+	$(VENV)/bin/ruff format --check liverpipe storage flows tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The main job, through the Prefect deployments: phantoms (without DATA=...), a local
 # server and the served deployments, then preprocess/preprocess and train-all/train-all.

@@ -22,12 +22,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverpipe.dataset import discover
 from liverpipe.errors import InvalidScanError
-from liverpipe.nifti import read_header
+from liverpipe.io import discover, read_header
+from liverpipe.preprocess import check_dataset
 from liverpipe.settings import CheckConfig
 from liverpipe.synth import generate_dataset
-from liverpipe.validate import check_dataset
 
 
 def _make_dataset(root: Path, cases: int, unique: int, size: str) -> Path:

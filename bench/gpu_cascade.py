@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from liverpipe._system import available_cpus
-from liverpipe.pipeline import preprocess_dataset
+from liverpipe.preprocess import preprocess_dataset
 from liverpipe.settings import load_settings
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train_all import train_all
+from liverpipe.train import train_all
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

@@ -25,11 +25,11 @@ import torch
 
 from liverpipe._system import available_cpus
 from liverpipe.models import MODELS
-from liverpipe.pipeline import preprocess_dataset, serial_runner
+from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.settings import Settings, load_settings
-from liverpipe.stages import make_source, stage_table
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train import _BatchStream, _build, _Dist, _one_step, train
+from liverpipe.train import make_source, stage_table
+from liverpipe.train.loop import _BatchStream, _build, _Dist, _one_step, train
 from storage import SliceStore
 
 

@@ -35,10 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from liverpipe._system import available_cpus  # noqa: E402
-from liverpipe.identity import case_identity  # noqa: E402
-from liverpipe.inbox import Ledger, TickState, inbox_cases, to_predict, unlabelled_scans  # noqa: E402
-from liverpipe.nifti import file_sha256  # noqa: E402
-from liverpipe.pipeline import needs_workers, pending, preprocess_dataset, serial_runner  # noqa: E402
+from liverpipe.io import case_identity, file_sha256  # noqa: E402
+from liverpipe.ops import Ledger, TickState, inbox_cases, to_predict, unlabelled_scans  # noqa: E402
+from liverpipe.preprocess import needs_workers, pending, preprocess_dataset, serial_runner  # noqa: E402
 from liverpipe.settings import load_settings  # noqa: E402
 from liverpipe.synth import generate_dataset  # noqa: E402
 from storage import SliceStore  # noqa: E402

@@ -22,12 +22,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from liverpipe.parallel import dask_map
-from liverpipe.pipeline import preprocess_dataset
-from liverpipe.sampling import ResidentSource, SliceSampler, SliceTable, StreamingSource
+from liverpipe.preprocess import dask_map, preprocess_dataset
 from liverpipe.settings import TrainConfig, load_settings
 from liverpipe.synth.phantom import plan_case, render_case
 from liverpipe.synth.writer import write_case
+from liverpipe.train import ResidentSource, SliceSampler, SliceTable, StreamingSource
 from storage import SliceStore
 
 BATCH = 16

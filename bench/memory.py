@@ -3,7 +3,7 @@
 Builds a 512 x 512 x N-slice int16 case (default 1000 slices, about 0.5 GB raw) by tiling
 one full-size phantom's slices along z, with its label tiled alike, as plain ``.nii``
 (and, with ``--gzip``, as ``.nii.gz`` too). Then, for each file, one fresh process runs
-``liverpipe.ingest.ingest_case`` (the task a Dask worker runs) under ``/usr/bin/time -v``
+``liverpipe.preprocess.case.ingest_case`` (the task a Dask worker runs) under ``/usr/bin/time -v``
 and reports its maximum resident set size, and the same process's size after the
 imports alone, for the baseline.
 
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 _TASK = """
 import resource, sys
 from pathlib import Path
-from liverpipe.ingest import CaseJob, ingest_case
-from liverpipe.pipeline import effective_config_hash
+from liverpipe.preprocess.case import CaseJob, ingest_case
+from liverpipe.preprocess.pipeline import effective_config_hash
 from liverpipe.settings import load_settings
 from storage import SliceStore
 print("imports", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverpipe.parallel import dask_map
-from liverpipe.pipeline import preprocess_dataset
+from liverpipe.preprocess import dask_map, preprocess_dataset
 from liverpipe.settings import load_settings
 from liverpipe.synth.phantom import plan_case, render_case
 from liverpipe.synth.writer import write_case

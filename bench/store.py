@@ -19,8 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from storage import SliceStore
-from storage.reader import window_indices
+from storage import SliceStore, window_indices
 
 LAYOUTS = {
     "1-slice chunks, 16-slice shards, zstd 1": {

@@ -28,11 +28,11 @@ import torch
 from scipy import ndimage
 
 from liverpipe._system import available_cpus
-from liverpipe.dataset import discover
+from liverpipe.evaluate import overlap
+from liverpipe.infer import Predictor
+from liverpipe.io import discover, read_header, read_voxels
 from liverpipe.labels import Label
-from liverpipe.metrics import overlap
-from liverpipe.nifti import read_header, read_voxels
-from liverpipe.predict import Predictor, find_models, load_cascade
+from liverpipe.models import find_models, load_cascade
 
 #: Lesions of at least this equivalent-sphere diameter (mm) count for the recall goal.
 BIG_LESION_MM = 10.0

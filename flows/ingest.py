@@ -2,7 +2,7 @@
 
 The inbox has the dataset layout: ``imagesTr/`` + ``labelsTr/`` for labelled scans and
 ``imagesTs/`` for unlabelled ones. Inbox files are only read, never moved or rewritten.
-The bookkeeping lives in :mod:`liverpipe.inbox`; this flow only orders the steps.
+The bookkeeping lives in :mod:`liverpipe.ops.inbox`; this flow only orders the steps.
 
 1. New or changed labelled cases are preprocessed into the store on Dask. A tick with
    nothing to preprocess starts no cluster; files whose identity is unchanged are not
@@ -13,7 +13,7 @@ The bookkeeping lives in :mod:`liverpipe.inbox`; this flow only orders the steps
 3. Unlabelled scans not predicted yet (or changed since) are predicted with the
    ensemble champion into OUTPUTS, recorded in ``OUTPUTS/ledger.json``.
 4. With ``[ingest] dicomweb_url``, the PACS's new CT series are predicted the same way
-   and each DICOM-SEG is stored back into its study (:mod:`liverpipe.pacs`).
+   and each DICOM-SEG is stored back into its study (:mod:`liverpipe.ops.pacs`).
 
 A tick with nothing new imports no torch and loads no model.
 """
@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger
 
 from flows.preprocess import preprocess
 from liverpipe.errors import LiverpipeError
-from liverpipe.inbox import (
+from liverpipe.ops import (
     Ledger,
     begin_tick,
     champion,
@@ -37,7 +37,7 @@ from liverpipe.inbox import (
     to_predict,
     unlabelled_scans,
 )
-from liverpipe.pipeline import (
+from liverpipe.preprocess import (
     needs_record,
     needs_workers,
     pending,
@@ -114,7 +114,7 @@ def _predict(
 
 def _pacs(runs: Path, outputs: Path, settings: Settings) -> dict[str, Any]:
     """The PACS step; a PACS that does not answer fails this step, not the tick."""
-    from liverpipe.pacs import Pacs, PacsError, poll_pacs
+    from liverpipe.ops import Pacs, PacsError, poll_pacs
 
     logger = get_run_logger()
     cfg = settings.ingest
@@ -143,6 +143,7 @@ def ingest(
     outputs: str = "outputs",
     config: str | None = None,
     report: str = "report",
+    *,
     dask_address: str | None = None,
     verify: bool = False,
 ) -> dict[str, Any]:

@@ -9,10 +9,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from liverpipe.errors import LiverpipeError
-from liverpipe.models import pick_device
-from liverpipe.predict import Predictor, load_cascade, predict_path
-from liverpipe.promotion import champion_models
-from liverpipe.runs import expand_models
+from liverpipe.infer import Predictor, predict_path
+from liverpipe.models import expand_models, load_cascade, pick_device
+from liverpipe.ops import champion_models
 
 __all__ = ["predict_scans"]
 

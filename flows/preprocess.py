@@ -1,6 +1,6 @@
 """``preprocess``: bring the slice store up to date with a dataset folder, on Dask.
 
-One Prefect task per case (``liverpipe.ingest.ingest_case`` on a Dask worker); the
+One Prefect task per case (``liverpipe.preprocess.case.ingest_case`` on a Dask worker); the
 store's content-hash manifest decides what is new or changed, so reruns only process
 new scans. A table artifact lists processed, skipped and failed cases with reasons.
 """
@@ -15,8 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
-from liverpipe.parallel import dask_task_runner
-from liverpipe.pipeline import RunSummary, preprocess_dataset
+from liverpipe.preprocess import RunSummary, dask_task_runner, preprocess_dataset
 from liverpipe.settings import load_settings
 
 __all__ = ["preprocess", "summary_table"]

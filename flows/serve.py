@@ -26,8 +26,6 @@ from liverpipe.settings import load_settings
 
 __all__ = ["deployments", "main"]
 
-DEPLOYMENTS = ("preprocess", "train-all", "evaluate", "predict", "ingest")
-
 
 def deployments(config: Path | None = None, defaults: dict[str, Any] | None = None) -> list[Any]:
     """The five deployments; ``defaults`` are default parameters shared where they apply."""

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def _get(url: str) -> int:
 
 
 def healthy(api_url: str) -> bool:
-    return _get(f"{api_url}/health") == 200
+    return _get(f"{api_url}/health") == HTTPStatus.OK
 
 
 def _wait(
@@ -81,7 +82,7 @@ def _wait(
 def wait_for_deployments(api_url: str, timeout: float = 180.0) -> None:
     """Return once every liverpipe deployment is registered on the server."""
     _wait(
-        lambda: all(_get(f"{api_url}/deployments/name/{n}") == 200 for n in NAMES),
+        lambda: all(_get(f"{api_url}/deployments/name/{n}") == HTTPStatus.OK for n in NAMES),
         timeout,
         "the deployments",
         None,

@@ -12,10 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.evaluate import evaluate_runs
 from liverpipe.errors import LiverpipeError
 from liverpipe.models import pick_device
-from liverpipe.promotion import challenge
-from liverpipe.registry import Decision
+from liverpipe.ops import Decision, challenge
 from liverpipe.settings import load_settings
-from liverpipe.train_all import ModelOutcome, parse_gpus, start_run, train_all
+from liverpipe.train import ModelOutcome, parse_gpus, start_run, train_all
 
 __all__ = ["decisions_markdown", "train_all_flow"]
 
@@ -54,6 +53,7 @@ def train_all_flow(
     steps: int | None = None,
     gpus: str = "auto",
     report: str = "report",
+    *,
     resume: bool = False,
     promote: bool = True,
 ) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def train_all_flow(
                 outcome.device,
             )
 
-    outcomes = train_all(Path(store), run, settings, resume, devices, on_done=log)
+    outcomes = train_all(Path(store), run, settings, resume=resume, gpus=devices, on_done=log)
     failed = {o.job: o.error for o in outcomes if o.result is None}
     if len(failed) == len(outcomes):
         raise LiverpipeError(
@@ -93,7 +93,7 @@ def train_all_flow(
     paths = evaluate_runs(store=store, runs=str(run), out=report, config=config)
     decisions = []
     if promote and not failed:
-        decisions = challenge(Path(runs), run.name, settings.registry, pick_device())
+        decisions = challenge(Path(runs), run.name, settings.registry, device=pick_device())
         markdown = decisions_markdown(decisions)
         create_markdown_artifact(markdown, key="liverpipe-promotion", description="Promotion")
         print(markdown)

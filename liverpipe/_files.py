@@ -1,13 +1,15 @@
-"""Atomic JSON files: a reader sees the old file or the new one, never a torn one."""
+"""JSON files: atomic writes (a reader sees the old file or the new one, never a torn
+one), and the one rule for NaN in them: written as null, read back as NaN."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_json", "write_json_atomic"]
+__all__ = ["nan_if_null", "read_json", "strict_json", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -31,3 +33,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def read_json(path: Path, default: Any) -> Any:
     """The parsed file, or ``default`` when it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined score: NaN) as None, in nested
+    dicts, lists and tuples, so that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def nan_if_null(value: Any) -> float:
+    """A score read back from JSON: null (undefined) is NaN."""
+    return math.nan if value is None else float(value)

@@ -15,10 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from liverpipe.cli_models import models_app
-from liverpipe.errors import LiverpipeError
+from liverpipe.errors import FixableError
 from liverpipe.settings import Settings, load_settings
 
-__all__ = ["app", "main"]
+__all__ = ["ConfigOpt", "app", "main"]
 
 app = typer.Typer(
     name="liverpipe",
@@ -96,17 +96,16 @@ def synth(
 
 
 def _write_preview(out_dir: Path, images: list[Path], labels: list[Path]) -> Path:
+    from liverpipe.evaluate import PreviewCase, write_montage
     from liverpipe.geometry import to_canonical
-    from liverpipe.nifti import case_id_of, read_header, read_voxels
-    from liverpipe.preview import PreviewCase, write_montage
+    from liverpipe.io import case_id_of, read_header, read_voxels
 
     shown = []
     for image_path, label_path in zip(images, labels, strict=True):
         image, label = read_header(image_path), read_header(label_path)
         hu, geometry = to_canonical(read_voxels(image), image.affine)
         lab, _ = to_canonical(read_voxels(label), label.affine)
-        spacing = tuple(float(s) for s in abs(geometry.canonical_affine[:3, :3]).sum(axis=0))
-        shown.append(PreviewCase(case_id_of(image_path), hu, lab.astype("uint8"), spacing))  # type: ignore[arg-type]
+        shown.append(PreviewCase(case_id_of(image_path), hu, lab.astype("uint8"), geometry.spacing))
     return write_montage(shown, out_dir / "preview.png")
 
 
@@ -128,10 +127,8 @@ def check(
 
     Example: liverpipe check /data/Task03_Liver --json
     """
-    from liverpipe.dataset import discover_scans
-    from liverpipe.dicom import check_series, holds_dicom
-    from liverpipe.nifti import is_nifti
-    from liverpipe.validate import check_dataset
+    from liverpipe.io import discover_scans, holds_dicom, is_nifti
+    from liverpipe.preprocess import check_dataset, check_series
 
     settings = _settings(config)
     dicom = (
@@ -211,8 +208,7 @@ def preprocess(
 
     Example: liverpipe preprocess /data/Task03_Liver --store stores/liver.zarr --config configs/tiny.toml
     """
-    from liverpipe.parallel import dask_map
-    from liverpipe.pipeline import Plan, preprocess_dataset
+    from liverpipe.preprocess import Plan, dask_map, preprocess_dataset
 
     settings = _settings(config, store={"workers": workers, "dask_address": dask_address})
 
@@ -361,7 +357,7 @@ def train_cmd(
     cfg = settings.stage(stage)  # type: ignore[arg-type]
     with _training_bar() as bar:
         on_step = _bar_task(bar, f"{cfg.model} {stage}", cfg.steps, cfg.batch_size)
-        result = train(store, out, settings, resume, on_step=on_step, stage=stage)  # type: ignore[arg-type]
+        result = train(store, out, settings, resume=resume, on_step=on_step, stage=stage)  # type: ignore[arg-type]
     typer.echo(
         f"trained {cfg.model} ({stage}) for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
     )
@@ -405,7 +401,7 @@ def train_all_cmd(
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
-    from liverpipe.train_all import ModelOutcome, parse_gpus, start_run, train_all
+    from liverpipe.train import ModelOutcome, parse_gpus, start_run, train_all
 
     settings = _settings(config, train={"steps": steps}, tumour={"steps": steps})
     devices = parse_gpus(gpus)
@@ -429,7 +425,9 @@ def train_all_cmd(
         return _bar_task(bar, job, cfg.steps, cfg.batch_size)
 
     with _training_bar() as bar:
-        outcomes = train_all(store, run, settings, resume, devices, on_done=report, on_start=start)
+        outcomes = train_all(
+            store, run, settings, resume=resume, gpus=devices, on_done=report, on_start=start
+        )
     failed = [o.job for o in outcomes if o.result is None]
     if failed:
         err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
@@ -437,9 +435,9 @@ def train_all_cmd(
     if promote:
         from liverpipe.cli_models import print_decisions
         from liverpipe.models import pick_device
-        from liverpipe.promotion import challenge
+        from liverpipe.ops import challenge
 
-        print_decisions(challenge(out, run.name, settings.registry, pick_device()))
+        print_decisions(challenge(out, run.name, settings.registry, device=pick_device()))
 
 
 @app.command("predict")
@@ -490,10 +488,9 @@ def predict_cmd(
 
     Example: liverpipe predict scans/ -o masks/ --runs runs --tta
     """
-    from liverpipe.models import pick_device
-    from liverpipe.predict import PostProcess, Predictor, load_cascade, predict_path
-    from liverpipe.promotion import champion_models
-    from liverpipe.runs import expand_models
+    from liverpipe.infer import PostProcess, Predictor, predict_path
+    from liverpipe.models import expand_models, load_cascade, pick_device
+    from liverpipe.ops import champion_models
 
     dev = pick_device(device)
     folders = expand_models(model) if model else champion_models(runs)
@@ -541,8 +538,7 @@ def convert_cmd(
     """
     import nibabel as nib
 
-    from liverpipe.dicom import find_series, write_nifti
-    from liverpipe.nifti import is_nifti
+    from liverpipe.io import find_series, is_nifti, write_nifti
 
     settings = _settings(config)
     found = find_series(series_dir)
@@ -584,9 +580,8 @@ def evaluate_cmd(
 
     Example: liverpipe evaluate --store stores/liver.zarr --runs runs --out report
     """
-    from liverpipe.evaluate import SPLITS, evaluate
+    from liverpipe.evaluate import SPLITS, evaluate, headline_table, write_report
     from liverpipe.models import pick_device
-    from liverpipe.report import HEADLINE, headline_rows, write_report
 
     splits = split or list(SPLITS)
     unknown = sorted(set(splits) - set(SPLITS))
@@ -599,96 +594,20 @@ def evaluate_cmd(
         result = evaluate(
             store,
             runs,
-            splits,
-            dev,
-            tta,
+            splits=splits,
+            device=dev,
+            tta=tta,
             on_case=lambda s, c: bar.update(task, description=f"evaluating {s}/{c}", advance=1),
             empty_rule=settings.evaluate.empty_rule,
             max_train_cases=settings.evaluate.max_train_cases,
         )
     paths = write_report(result, runs, out)
-    aggregates = json.loads(paths["metrics"].read_text())["aggregates"]
-    table = Table(title="headline (mean over cases)")
-    for column in ("model", *(label for label, _, _ in HEADLINE)):
-        table.add_column(column)
-    for row in headline_rows(aggregates):
+    headline = headline_table(result.aggregates())
+    table = Table(*headline.head, title="headline (mean over cases)")
+    for row in headline.rows:
         table.add_row(*row)
     Console().print(table)
     typer.echo(f"report: {paths['html']} (metrics: {paths['metrics']})")
-
-
-@app.command("serve")
-def serve_cmd(
-    config: ConfigOpt = None,
-    port: Annotated[int, typer.Option(help="Port of the local server (127.0.0.1).")] = 4200,
-    store: Annotated[str | None, typer.Option(help="Default store of the deployments.")] = None,
-    runs: Annotated[str | None, typer.Option(help="Default runs folder.")] = None,
-    inbox: Annotated[
-        str | None, typer.Option(help="Inbox folder the ingest schedule scans.")
-    ] = None,
-    outputs: Annotated[str | None, typer.Option(help="Where ingest writes masks.")] = None,
-    report: Annotated[str | None, typer.Option(help="Default report folder.")] = None,
-    detach: Annotated[
-        bool,
-        typer.Option(
-            "--detach", help="Return once the deployments are up; `liverpipe down` stops them."
-        ),
-    ] = False,
-) -> None:
-    """Serve the deployments (preprocess, train-all, evaluate, predict, ingest).
-
-    Starts a local Prefect server on 127.0.0.1 unless PREFECT_API_URL names one.
-    Example: liverpipe serve --detach --config configs/tiny.toml --store stores/liver.zarr
-    """
-    import os
-
-    from flows.server import prefect_env, serve_all, stop, wait_for_deployments
-
-    own_server = "PREFECT_API_URL" not in os.environ
-    env = prefect_env(port=port)
-    args = [f"--config={Path(config).resolve()}"] if config else []
-    for name, value in (
-        ("store", store),
-        ("runs", runs),
-        ("inbox", inbox),
-        ("outputs", outputs),
-        ("report", report),
-    ):
-        if value:
-            args.append(f"--{name}={Path(value).resolve()}")
-    home = Path(env["PREFECT_HOME"])
-    stop(home)  # a previous serve of this home, if any
-    served, serving = serve_all(env, args, own_server, detach)
-    api = env["PREFECT_API_URL"]
-    try:
-        wait_for_deployments(api)
-    except LiverpipeError:
-        stop(home)
-        raise
-    ui = api.removesuffix("/api")
-    typer.echo(f"serving preprocess, train-all, evaluate, predict, ingest on {api}")
-    typer.echo(f"Prefect UI: {ui}   stop: liverpipe down (or make down)   logs: {home}")
-    if detach:
-        return
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below
-    try:
-        serving.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop(served.home)
-
-
-@app.command("down")
-def down_cmd() -> None:
-    """Stop the server and serving process that `liverpipe serve` started."""
-    from flows.server import prefect_env, stop
-
-    home = Path(prefect_env()["PREFECT_HOME"])
-    stopped = stop(home)
-    typer.echo(f"stopped {len(stopped)} process(es)" if stopped else "nothing to stop")
 
 
 @app.command("config")
@@ -701,10 +620,11 @@ def show_config(config: ConfigOpt = None) -> None:
 
 
 def main() -> None:
-    """Console entry point: liverpipe errors become one readable line and exit code 2."""
+    """Console entry point: liverpipe and store errors become one readable line and exit
+    code 2."""
     try:
         app()
-    except LiverpipeError as err:
+    except FixableError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(2)
 

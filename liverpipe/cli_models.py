@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from liverpipe.registry import ENSEMBLE, REGISTRY, Decision, Registry
+from liverpipe.ops import ENSEMBLE, REGISTRY, Decision, Registry
 from liverpipe.rundir import RunRecord, run_folders
 from liverpipe.settings import load_settings
 
@@ -129,11 +129,13 @@ def promote_cmd(
     Example: liverpipe models promote 20261128T081500Z-3f9c2a1b --runs runs
     """
     from liverpipe.models import pick_device
-    from liverpipe.promotion import challenge
+    from liverpipe.ops import challenge
 
     run_id = Path(run).name
     settings = load_settings(config)
-    decisions = challenge(runs, run_id, settings.registry, pick_device(), model or None, force)
+    decisions = challenge(
+        runs, run_id, settings.registry, device=pick_device(), keys=model or None, force=force
+    )
     print_decisions(decisions)
     if not all(d.promoted or d.reason == "already the champion" for d in decisions):
         raise typer.Exit(1)
@@ -152,7 +154,7 @@ def rollback_cmd(
     Example: liverpipe models rollback --runs runs --force
     """
     from liverpipe.models import pick_device
-    from liverpipe.promotion import rollback
+    from liverpipe.ops import rollback
 
     settings = load_settings(config)
     keys = model or [ENSEMBLE]

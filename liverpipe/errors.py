@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from storage import FixableError, StoreError, StoreLockedError, StoreSchemaError
 
 __all__ = [
     "ConfigError",
     "DatasetLayoutError",
+    "FixableError",
     "GeometryMismatchError",
     "InvalidScanError",
     "LabelValueError",
     "LiverpipeError",
+    "StoreError",
+    "StoreLockedError",
     "StoreSchemaError",
 ]
 
 
-class LiverpipeError(Exception):
-    """Base class of every error liverpipe raises on purpose.
-
-    ``str(err)`` reads ``"<path>: <problem>. Fix: <fix>"`` so that a log line alone
-    tells the user what to do.
-    """
-
-    def __init__(self, path: Path | str | None, problem: str, fix: str) -> None:
-        self.path = Path(path) if path is not None else None
-        self.problem = problem.rstrip(".")
-        self.fix = fix.rstrip(".")
-        where = f"{self.path}: " if self.path is not None else ""
-        super().__init__(f"{where}{self.problem}. Fix: {self.fix}.")
+class LiverpipeError(FixableError):
+    """Base class of every error liverpipe raises on purpose (the store's errors,
+    :class:`StoreError`, share the base :class:`FixableError`)."""
 
 
 class InvalidScanError(LiverpipeError):
@@ -48,7 +41,3 @@ class DatasetLayoutError(LiverpipeError):
 
 class ConfigError(LiverpipeError):
     """A configuration file or value that cannot be used."""
-
-
-class StoreSchemaError(LiverpipeError):
-    """A slice store whose layout or schema version this liverpipe cannot read."""

@@ -13,9 +13,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
-__all__ = ["CanonicalGeometry", "from_canonical", "to_canonical", "world_of_indices"]
+__all__ = [
+    "SPATIAL_DIMS",
+    "CanonicalGeometry",
+    "axis_codes",
+    "from_canonical",
+    "to_canonical",
+    "voxel_spacing",
+    "world_of_indices",
+]
+
+
+#: Axes of a volume in space (a NIfTI may add a 4th of length 1).
+SPATIAL_DIMS = 3
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each index axis of an affine: the lengths of its first three
+    columns. Right for oblique grids too, where summing absolute entries is not."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """The body direction each voxel axis points to most nearly, e.g. ``"RAS"``, ``"LPS"``."""
+    return "".join(str(c) for c in aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +64,11 @@ class CanonicalGeometry:
         return self.original_affine @ inv_ornt_aff(self.ornt, self.original_shape)
 
     @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(x, y, z) voxel size in mm of the canonical grid."""
+        return tuple(float(s) for s in voxel_spacing(self.canonical_affine))  # type: ignore[return-value]
+
+    @property
     def canonical_shape(self) -> tuple[int, int, int]:
         """(Z, Y, X) shape of the canonical array."""
         ras = [0, 0, 0]
@@ -56,7 +84,7 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Cano
     maps (x, y, z) indices of ``array[z, y, x]`` to RAS+ millimetres.
     """
     geometry = CanonicalGeometry.of(data.shape[:3], affine)  # type: ignore[arg-type]
-    ras = apply_orientation(data[..., 0] if data.ndim == 4 else data, geometry.ornt)
+    ras = apply_orientation(data[..., 0] if data.ndim > SPATIAL_DIMS else data, geometry.ornt)
     return np.ascontiguousarray(ras.transpose(2, 1, 0)), geometry
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-__all__ = ["AXIS_ORDER", "DEFAULT_HU_WINDOW", "FLIP_DIMS", "LABEL_NAMES", "Label"]
+__all__ = ["CLASSES", "DEFAULT_HU_WINDOW", "FLIP_DIMS", "LABEL_NAMES", "Label"]
 
 
 class Label(IntEnum):
@@ -14,6 +14,10 @@ class Label(IntEnum):
     BACKGROUND = 0
     LIVER = 1
     TUMOUR = 2
+
+
+#: Output channels of every model: one logit per label value.
+CLASSES: Final[int] = len(Label)
 
 
 #: Names written to ``dataset.json`` and reports, keyed by label value.
@@ -25,9 +29,6 @@ LABEL_NAMES: Final[dict[int, str]] = {
 
 #: Abdominal CT display and normalisation window in Hounsfield units (low, high).
 DEFAULT_HU_WINDOW: Final[tuple[float, float]] = (-200.0, 250.0)
-
-#: Axis order of every canonical array: axial slices first, then rows (P->A), columns (L->R).
-AXIS_ORDER: Final[str] = "ZYX"
 
 #: Mirroring axes by name -> the dim they flip in a (B, C, Y, X) batch of canonical slices:
 #: "lr" mirrors columns (patient left-right), "ap" rows (front-back). Augmentation and

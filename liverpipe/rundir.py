@@ -3,8 +3,8 @@
 ::
 
     RUNS/
-      registry.json              champions and their history (liverpipe.registry)
-      ingest_state.json          the scheduled ingest's state (liverpipe.inbox)
+      registry.json              champions and their history (liverpipe.ops.registry)
+      ingest_state.json          the scheduled ingest's state (liverpipe.ops.inbox)
       <run_id>/                  one train-all; never overwritten
         run.json                 RunRecord: config, store, the exact cases it used
         <model>/liver/           a StageDir (stage 1)
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from liverpipe._files import read_json, write_json_atomic
+from liverpipe._files import nan_if_null, read_json, strict_json, write_json_atomic
 from liverpipe.errors import LiverpipeError
 
 __all__ = [
@@ -87,14 +86,6 @@ class StageDir:
         return next((p for p in (self.best, self.last) if p.is_file()), None)
 
 
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 @dataclass(frozen=True)
 class RunResult:
     """``result.json``: how a stage's training ended and which checkpoint is the model."""
@@ -109,11 +100,7 @@ class RunResult:
     thresholds_tried: Mapping[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["best_score"], out["last_loss"] = _finite(self.best_score), _finite(self.last_loss)
-        out["thresholds_tried"] = {
-            k: None if v is None else _finite(float(v)) for k, v in self.thresholds_tried.items()
-        }
+        out: dict[str, Any] = strict_json(asdict(self))
         return out
 
     @classmethod
@@ -121,8 +108,8 @@ class RunResult:
         try:
             return cls(
                 steps=int(data["steps"]),
-                best_score=_float(data["best_score"]),
-                last_loss=_float(data["last_loss"]),
+                best_score=nan_if_null(data["best_score"]),
+                last_loss=nan_if_null(data["last_loss"]),
                 stage=str(data.get("stage", "liver")),
                 checkpoint=str(data.get("checkpoint", "best.pt")),
                 selection=str(data.get("selection", "")),

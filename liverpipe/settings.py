@@ -7,8 +7,8 @@ Nothing here reads the environment at import time.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -20,10 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from liverpipe.errors import ConfigError
 
 __all__ = [
+    "MIN_SLICE_SIZE",
+    "STRIDE",
     "AugmentConfig",
     "CheckConfig",
     "EvaluateConfig",
     "IngestConfig",
+    "ModelName",
     "PreprocessConfig",
     "RegistryConfig",
     "Settings",
@@ -116,11 +119,11 @@ class PreprocessConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
-        if min(self.target_spacing) <= 0 or min(self.slice_size) < 8:
-            raise ValueError("target_spacing must be > 0 and slice_size at least 8")
+        if min(self.target_spacing) <= 0 or min(self.slice_size) < MIN_SLICE_SIZE:
+            raise ValueError(f"target_spacing must be > 0 and slice_size at least {MIN_SLICE_SIZE}")
         if self.hu_window[0] >= self.hu_window[1]:
             raise ValueError("hu_window must be (low, high) with low < high")
-        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+        if not math.isclose(sum(self.split_fractions), 1.0) or min(self.split_fractions) < 0:
             raise ValueError("split_fractions must be non-negative and sum to 1")
         return self
 
@@ -161,7 +164,15 @@ class AugmentConfig(_Frozen):
     flip_probability: float = Field(0.5, ge=0, le=1, description="Chance of each flip.")
 
 
+#: Total stride of the encoders (5 halvings): network inputs are multiples of it.
+STRIDE = 32
+#: The smallest stored slice side.
+MIN_SLICE_SIZE = 8
+
 Stage = Literal["liver", "tumour"]
+
+#: The three smp architectures liverpipe trains (``liverpipe config`` refuses others).
+ModelName = Literal["unetplusplus", "manet", "deeplabv3plus"]
 
 
 class TrainConfig(_Frozen):
@@ -177,7 +188,7 @@ class TrainConfig(_Frozen):
         description="liver: whole slices, coarse (stage 1); tumour: crops of the liver's "
         "bounding box at full resolution (stage 2). Set by the section.",
     )
-    model: str = Field("unetplusplus", description="unetplusplus, manet or deeplabv3plus.")
+    model: ModelName = Field("unetplusplus", description="unetplusplus, manet or deeplabv3plus.")
     encoder: str = Field("resnet34", description="smp encoder name.")
     encoder_weights: str | None = Field(
         None, description="None (default, offline) or e.g. 'imagenet' if cached locally."
@@ -257,8 +268,8 @@ class TrainConfig(_Frozen):
     def _check(self) -> TrainConfig:
         if self.context_slices % 2 == 0:
             raise ValueError("context_slices must be odd")
-        if min(self.crop_size) < 32 or any(c % 32 for c in self.crop_size):
-            raise ValueError("crop_size must be multiples of 32 (the encoders' stride)")
+        if min(self.crop_size) < STRIDE or any(c % STRIDE for c in self.crop_size):
+            raise ValueError(f"crop_size must be multiples of {STRIDE} (the encoders' stride)")
         if sum(self.oversample) > 1:
             raise ValueError("oversample fractions must sum to at most 1")
         return self
@@ -374,10 +385,13 @@ class Settings(_Frozen):
         """The training config of one stage: ``[train]`` (liver) or ``[tumour]``."""
         return self.train if stage == "liver" else self.tumour
 
-    def config_hash(self, section: str) -> str:
-        """sha256 of one section's canonical JSON, for provenance records."""
-        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
+
+def _problem(error: Any) -> str:
+    """One validation error as ``section.key: message, got value``."""
+    where = ".".join(str(p) for p in error["loc"])
+    value = error.get("input")
+    got = "" if isinstance(value, dict | list) else f", got {value!r}"
+    return f"{where}: {error['msg']}{got}"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -444,9 +458,7 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as err:
         where = config if config is not None else "configuration"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise ConfigError(
             where,
             f"invalid settings ({problems})",

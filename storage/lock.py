@@ -9,13 +9,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from liverpipe.errors import LiverpipeError
+from storage.errors import StoreLockedError
 
-__all__ = ["StoreLock", "StoreLockedError"]
-
-
-class StoreLockedError(LiverpipeError):
-    """Another live process holds the store lock."""
+__all__ = ["StoreLock"]
 
 
 class StoreLock:

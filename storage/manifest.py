@@ -11,14 +11,16 @@ import os
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from liverpipe.errors import StoreSchemaError
+from storage.errors import StoreSchemaError
 
-__all__ = ["Manifest", "ManifestEntry", "Status", "utc_now"]
+__all__ = ["SPLITS", "Manifest", "ManifestEntry", "Split", "Status", "utc_now"]
 
 Status = Literal["ok", "failed"]
 Split = Literal["train", "val", "test"]
+#: The splits, in order.
+SPLITS: tuple[Split, ...] = get_args(Split)
 
 
 def utc_now() -> str:

@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from liverpipe.errors import StoreSchemaError
+from storage.errors import StoreSchemaError
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "CaseMeta", "Intensity", "StoreMeta"]
 
 #: Bump on any change to the layout or to these records; older stores are refused.
 SCHEMA_VERSION = 1
 FORMAT = "liverpipe-slice-store"
+
+_AXES = 3  # spatial axes of a shape, spacing or origin
 
 
 def _matrix(value: Any, name: str) -> tuple[tuple[float, ...], ...]:
@@ -103,7 +105,7 @@ class CaseMeta:
                 f"case metadata is incomplete or invalid ({err!r})",
                 "reprocess the case with `liverpipe preprocess`",
             ) from err
-        if len(meta.spacing) != 3 or min(meta.spacing) <= 0:
+        if len(meta.spacing) != _AXES or min(meta.spacing) <= 0:
             raise StoreSchemaError(None, f"case {meta.case_id} has invalid spacing", "reprocess it")
         return meta
 
@@ -114,8 +116,8 @@ class CaseMeta:
 
 def _ints3(value: Any) -> tuple[int, int, int]:
     items = tuple(int(v) for v in value)
-    if len(items) != 3:
-        raise ValueError(f"expected 3 integers, got {value!r}")
+    if len(items) != _AXES:
+        raise ValueError(f"expected {_AXES} integers, got {value!r}")
     return items  # type: ignore[return-value]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from liverpipe.errors import StoreSchemaError
+from storage.errors import StoreSchemaError
 from storage.layout import array_options
 from storage.lock import StoreLock
 from storage.manifest import Manifest, ManifestEntry, utc_now

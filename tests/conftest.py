@@ -93,7 +93,7 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session phantoms preprocessed with configs/tiny.toml (64x64 slices)."""
-    from liverpipe.pipeline import preprocess_dataset, serial_runner
+    from liverpipe.preprocess import preprocess_dataset, serial_runner
     from liverpipe.settings import load_settings
 
     store = tmp_path_factory.mktemp("store") / "tiny.zarr"
@@ -107,9 +107,9 @@ def tiny_store(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def tiny_runs_root(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A runs root with one versioned run, champion of every key in registry.json: both
     stages of the three models trained 20 steps on the tiny store (configs/tiny.toml)."""
-    from liverpipe.promotion import challenge
+    from liverpipe.ops import challenge
     from liverpipe.settings import load_settings
-    from liverpipe.train_all import start_run, train_all
+    from liverpipe.train import start_run, train_all
 
     root = tmp_path_factory.mktemp("runs")
     settings = load_settings(

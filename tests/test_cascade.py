@@ -12,10 +12,17 @@ import pytest
 import torch
 from conftest import REPO, write_nifti
 
-from liverpipe.cascade import StageModels, liver_stage, tumour_stage
-from liverpipe.inference import native_labels, prepare_scan
+from liverpipe.infer import (
+    Predictor,
+    StageModels,
+    liver_stage,
+    native_labels,
+    predict_file,
+    prepare_scan,
+    tumour_stage,
+)
 from liverpipe.labels import Label
-from liverpipe.predict import Predictor, load_cascade, predict_file
+from liverpipe.models import load_cascade
 from liverpipe.roi import Box, crop, fit_to_multiple, grow, liver_box, margin_voxels
 from liverpipe.settings import PreprocessConfig
 
@@ -130,9 +137,9 @@ def test_roi_boxes_grow_fit_and_crop() -> None:
 def test_a_tiny_cascade_finds_tumours_that_stage_one_misses(tmp_path: Path) -> None:
     """Full-size phantoms: stage 2 (at the store's 2 mm) reaches a tumour Dice that stage
     1 (whole slices at 6 mm) does not, on the same phantoms."""
-    from liverpipe.metrics import overlap
-    from liverpipe.nifti import read_header, read_voxels
-    from liverpipe.pipeline import preprocess_dataset, serial_runner
+    from liverpipe.evaluate import overlap
+    from liverpipe.io import read_header, read_voxels
+    from liverpipe.preprocess import preprocess_dataset, serial_runner
     from liverpipe.settings import load_settings
     from liverpipe.synth.writer import generate_dataset
     from liverpipe.train import train

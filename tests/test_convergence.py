@@ -17,15 +17,13 @@ import pytest
 import torch
 from conftest import REPO
 
-from liverpipe.checkpoint import load_checkpoint
-from liverpipe.metrics import dice
-from liverpipe.models import build_model
-from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.predict import Predictor, load_cascade, predict_path
+from liverpipe.evaluate import dice
+from liverpipe.infer import Predictor, predict_path
+from liverpipe.models import build_model, load_cascade, load_checkpoint
+from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.settings import Settings, load_settings
-from liverpipe.stages import validate
 from liverpipe.synth.writer import generate_dataset
-from liverpipe.train import train
+from liverpipe.train import train, validate
 from storage import SliceStore
 
 pytestmark = pytest.mark.slow
@@ -35,7 +33,7 @@ CPU = torch.device("cpu")
 def _trained(store: Path, run: Path, settings: Settings) -> torch.nn.Module:
     train(store, run, settings)
     cfg = settings.train
-    model = build_model(cfg.model, cfg.encoder, cfg.context_slices, 3)
+    model = build_model(cfg.model, encoder=cfg.encoder, in_channels=cfg.context_slices, classes=3)
     model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
     return model
 

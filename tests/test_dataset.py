@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import write_nifti
 
-from liverpipe.dataset import discover
 from liverpipe.errors import DatasetLayoutError
+from liverpipe.io import discover
 
 VOL = np.zeros((4, 4, 4), dtype=np.int16)
 LAB = np.zeros((4, 4, 4), dtype=np.uint8)

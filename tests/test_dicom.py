@@ -16,8 +16,8 @@ from conftest import REPO, assign_uids, copy_runs
 from typer.testing import CliRunner
 
 from liverpipe.cli import app
-from liverpipe.dicom import find_series, read_series
 from liverpipe.errors import InvalidScanError
+from liverpipe.io import find_series, read_series
 
 REAL = REPO.parent / "shared" / "data" / "real-dicom"
 SERIES = REAL / "series"
@@ -245,7 +245,7 @@ def test_an_anonymised_series_gets_its_mask_and_a_clear_no_seg(
 def test_write_seg_round_trips_the_real_liver_mask(real_series: Path, tmp_path: Path) -> None:
     import highdicom as hd
 
-    from liverpipe.dicom_seg import write_seg
+    from liverpipe.io import write_seg
 
     (series,) = find_series(_with_uids(real_series, tmp_path / "ct"))
     labels = (np.asarray(nib.load(REAL / "liver.nii.gz").dataobj)[:, ::-1, :] > 0).astype(np.uint8)
@@ -268,7 +268,7 @@ def test_ingest_predicts_a_series_folder_once(
     champion, recorded by folder identity, and not read again while it is unchanged."""
     import os
 
-    from liverpipe.inbox import Ledger, champion, predict_pending, to_predict, unlabelled_scans
+    from liverpipe.ops import Ledger, champion, predict_pending, to_predict, unlabelled_scans
 
     runs, out = tmp_path / "runs", tmp_path / "outputs"
     copy_runs(tiny_runs_root, runs)

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from liverpipe.checkpoint import CheckpointMismatchError
-from liverpipe.evaluate import evaluate
-from liverpipe.metrics import class_masks, overlap
-from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.predict import Predictor, load_cascade, predict_path
+from liverpipe.evaluate import class_masks, evaluate, overlap
+from liverpipe.infer import Predictor, predict_path
+from liverpipe.models import CheckpointMismatchError, load_cascade
+from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.settings import load_settings
 from storage import SliceStore
 
@@ -134,8 +133,8 @@ def test_evaluation_scores_what_predict_writes(
     store = SliceStore.open(tiny_store)
     case_id = store.cases("train")[0]
     meta = store.case(case_id).meta
-    result = evaluate(tiny_store, tiny_runs, ["train"])
-    row = next(c for c in result.cases if c["case_id"] == case_id and c["model"] == "manet")
+    result = evaluate(tiny_store, tiny_runs, splits=["train"])
+    row = next(c for c in result.cases if c.case_id == case_id and c.model == "manet")
     predict_path(
         Predictor([load_cascade(tiny_runs / "manet")]),
         Path(meta.source_image),
@@ -145,7 +144,7 @@ def test_evaluation_scores_what_predict_writes(
     truth = np.asarray(nib.load(meta.source_label).dataobj).astype(np.uint8)
     for cls in ("liver", "tumour"):
         expected = overlap(class_masks(mask)[cls], class_masks(truth)[cls])["dice"]  # LiTS rule
-        got = row["classes"][cls]["dice"]
+        got = row.cls(cls).dice
         assert (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(
             expected, abs=1e-9
         )
@@ -165,7 +164,7 @@ def test_runs_of_another_store_config_are_refused(
 
 
 def test_docs_state_the_rules_the_code_applies() -> None:
-    from liverpipe.metrics import LESION_RULE, empty_rule_text
+    from liverpipe.evaluate import LESION_RULE, empty_rule_text
 
     text = (REPO / "docs" / "evaluation.md").read_text()
     assert empty_rule_text("lits") in text and empty_rule_text("exclude") in text
@@ -175,9 +174,7 @@ def test_docs_state_the_rules_the_code_applies() -> None:
 def test_the_headline_scores_tumour_where_it_is_and_false_alarms_where_it_is_not() -> None:
     """A model that never predicts tumour must not look good: tumour Dice is taken over
     the cases with tumour, and tumour-free cases count as clean only with no tumour."""
-    from liverpipe.evaluate import Evaluation, aggregate_value
-    from liverpipe.metrics import case_metrics
-    from liverpipe.report import HEADLINE, headline_rows
+    from liverpipe.evaluate import HEADLINE, CaseScore, Evaluation, case_metrics, headline_table
 
     truth_with = np.zeros((8, 16, 16), np.uint8)
     truth_with[2:6, 2:14, 2:14] = 1
@@ -195,22 +192,26 @@ def test_the_headline_scores_tumour_where_it_is_and_false_alarms_where_it_is_not
     evaluation = Evaluation("s", "h", list(cases), {"test": ["a", "b", "c"]})
     for model, preds in cases.items():
         for case_id, pred, truth in zip("abc", preds, truths, strict=True):
-            row = case_metrics(pred, truth, (1.0, 1.0, 1.0))
-            evaluation.cases.append(
-                {"case_id": case_id, "split": "test", "model": model, "loss": 0.0, **row}
-            )
+            metrics = case_metrics(pred, truth, (1.0, 1.0, 1.0))
+            evaluation.cases.append(CaseScore(case_id, "test", model, 0.0, metrics))
     per = evaluation.aggregates()
-    paths = {label: path for label, path, _ in HEADLINE}
-    dice = paths["tumour Dice (cases with tumour)"]
-    clean = paths["tumour-free cases clean"]
+    columns = {c.label: c for c in HEADLINE}
+    dice = columns["tumour Dice (cases with tumour)"].value
+    clean = columns["tumour-free cases clean"].value
+    blind, finder = per["blind"]["test"], per["finder"]["test"]
     # The LiTS-rule mean gives the blind model 2/3 for the two tumour-free cases.
-    assert aggregate_value(per["blind"]["test"], ("classes", "tumour", "dice")) == pytest.approx(
-        2 / 3
-    )
-    assert aggregate_value(per["blind"]["test"], dice) == 0.0
-    assert aggregate_value(per["blind"]["test"], clean) == 1.0
-    assert aggregate_value(per["finder"]["test"], dice) == pytest.approx(2 / 3)
-    assert aggregate_value(per["finder"]["test"], clean) == 0.5
-    rows = {r[0]: r for r in headline_rows(per)}
-    column = 1 + [label for label, _, _ in HEADLINE].index("tumour Dice (cases with tumour)")
+    assert blind.cls("tumour").dice.mean == pytest.approx(2 / 3)
+    assert dice(blind) == 0.0 and clean(blind) == 1.0
+    assert dice(finder) == pytest.approx(2 / 3) and clean(finder) == 0.5
+    table = headline_table(per)
+    rows = {r[0]: r for r in table.rows}
+    column = table.head.index("tumour Dice (cases with tumour)")
     assert rows["blind"][column] == "0.0000" and rows["finder"][column] == "0.6667"
+    # each column's key names where metrics.json holds the same number
+    record = evaluation.to_json()["aggregates"]["finder"]["test"]
+    for c in HEADLINE:
+        node = record
+        for key in c.key.split("."):
+            node = node[key]
+        node = node["mean"] if isinstance(node, dict) else node
+        assert node == pytest.approx(c.value(finder), nan_ok=True), c.label

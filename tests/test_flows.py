@@ -88,8 +88,7 @@ def test_ingest_processes_only_new_scans_predicts_and_retrains(
     phantom_dir: Path, tiny_runs_root: Path, tmp_path: Path
 ) -> None:
     from flows.ingest import ingest
-    from liverpipe.inbox import STATE
-    from liverpipe.registry import ENSEMBLE, Registry
+    from liverpipe.ops import ENSEMBLE, STATE, Registry
     from liverpipe.rundir import run_folders
 
     config = tmp_path / "ingest.toml"

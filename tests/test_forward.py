@@ -11,13 +11,17 @@ import torch
 from conftest import REPO, write_nifti
 
 from liverpipe.errors import InvalidScanError
-from liverpipe.forward import forward_case
-from liverpipe.inference import native_labels, prepare_scan
-from liverpipe.nifti import read_header
-from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.preprocess import canonical_view, resample_label
+from liverpipe.infer import native_labels, prepare_scan
+from liverpipe.io import read_header
+from liverpipe.preprocess import (
+    canonical_view,
+    check_case,
+    forward_case,
+    preprocess_dataset,
+    resample_label,
+    serial_runner,
+)
 from liverpipe.settings import CheckConfig, PreprocessConfig, load_settings
-from liverpipe.validate import check_case
 from storage import SliceStore
 
 
@@ -85,7 +89,7 @@ def test_min_slices_is_a_setting(tmp_path: Path) -> None:
 
 
 def _case(image: Path, label: Path | None) -> object:
-    from liverpipe.dataset import CaseFiles
+    from liverpipe.io import CaseFiles
 
     return CaseFiles(image.name, image, label)
 
@@ -232,10 +236,9 @@ def test_stored_arrays_match_the_full_float32_path_within_the_documented_toleran
     volume, normalised at once) the stored labels are identical, and both stored images
     are within the documented error of the float32 HU (docs/benchmarks.md, "Storage
     dtype error": float16 0.25 HU; uint8 half of a 1.76 HU step, plus 0.0625 HU now)."""
-    from liverpipe.forward import normalise
     from liverpipe.geometry import CanonicalGeometry
-    from liverpipe.nifti import read_voxels
-    from liverpipe.preprocess import body_footprint, resample_image, stored_grid
+    from liverpipe.io import read_voxels
+    from liverpipe.preprocess import body_footprint, normalise, resample_image, stored_grid
 
     config = PreprocessConfig(storage_dtype=dtype)
     bound = {"float16": 0.25, "uint8": 450 / 255 / 2 + 0.0625 + 1e-3}[dtype]

@@ -23,12 +23,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverpipe.dataset import CaseFiles
 from liverpipe.errors import LiverpipeError
-from liverpipe.inference import prepare_scan
-from liverpipe.predict import Predictor, load_cascade
+from liverpipe.infer import Predictor, prepare_scan
+from liverpipe.io import CaseFiles
+from liverpipe.models import load_cascade
+from liverpipe.preprocess import check_case
 from liverpipe.settings import CheckConfig, PreprocessConfig
-from liverpipe.validate import check_case
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from liverpipe.metrics import (
+from liverpipe.evaluate import (
     LesionCounts,
     case_counts,
     case_metrics,
@@ -152,13 +152,20 @@ def test_case_metrics_reports_both_classes_and_volumes() -> None:
     pred = truth.copy()
     pred[4:6, 8:11, 8:11] = 1  # the tumour is missed, the liver (1 or 2) is perfect
     result = case_metrics(pred, truth, (2.0, 1.0, 1.0))
-    classes = result["classes"]
-    assert isinstance(classes, dict)
-    assert classes["liver"]["dice"] == 1.0 and classes["tumour"]["dice"] == 0.0
-    assert classes["liver"]["volume_true_ml"] == pytest.approx(6 * 12 * 12 * 2.0 / 1000)
-    assert classes["tumour"]["volume_pred_ml"] == 0.0
-    assert result["pixel_accuracy"] == pytest.approx(1 - 18 / truth.size)
-    assert result["lesions"]["true_lesions"] == 1 and result["lesions"]["detected"] == 0
+    liver, tumour = result.classes["liver"], result.classes["tumour"]
+    assert liver.dice == 1.0 and tumour.dice == 0.0
+    assert liver.volume_true_ml == pytest.approx(6 * 12 * 12 * 2.0 / 1000)
+    assert tumour.volume_pred_ml == 0.0
+    assert result.pixel_accuracy == pytest.approx(1 - 18 / truth.size)
+    assert result.lesions.true_lesions == 1 and result.lesions.detected == 0
+    # metrics.json's layout of a case is unchanged by the typed record
+    as_json = result.to_dict()
+    assert list(as_json) == ["pixel_accuracy", "balanced_accuracy", "classes", "lesions"]
+    assert list(as_json["classes"]["liver"]) == [
+        "dice", "jaccard", "precision", "recall", "accuracy", "rvd", "tp", "fp", "fn",
+        "voxels", "hd95", "assd", "volume_pred_ml", "volume_true_ml",
+    ]  # fmt: skip
+    assert as_json["lesions"]["f1"] == 0.0 and as_json["classes"]["tumour"]["dice"] == 0.0
 
 
 def test_lesion_f1_is_zero_when_lesions_are_missed_or_invented() -> None:
@@ -176,11 +183,11 @@ def test_case_metrics_follow_the_chosen_empty_rule() -> None:
     truth[2:8, 2:10, 2:10] = 1  # liver, no tumour
     lits = case_metrics(truth, truth, (1, 1, 1))
     exclude = case_metrics(truth, truth, (1, 1, 1), "exclude")
-    assert lits["classes"]["tumour"]["dice"] == 1.0
-    assert math.isnan(exclude["classes"]["tumour"]["dice"])
+    assert lits.classes["tumour"].dice == 1.0
+    assert math.isnan(exclude.classes["tumour"].dice)
     spurious = truth.copy()
     spurious[5, 5, 5] = 2
-    assert case_metrics(spurious, truth, (1, 1, 1))["classes"]["tumour"]["dice"] == 0.0
+    assert case_metrics(spurious, truth, (1, 1, 1)).classes["tumour"].dice == 0.0
 
 
 def test_balanced_accuracy_is_not_fooled_by_background(real_ct: tuple[Path, Path]) -> None:
@@ -188,9 +195,9 @@ def test_balanced_accuracy_is_not_fooled_by_background(real_ct: tuple[Path, Path
     truth = np.asarray(nib.load(real_ct[1]).dataobj).astype(np.uint8)
     nothing = np.zeros_like(truth)
     row = case_metrics(nothing, truth, (3.0, 3.0, 3.0))
-    assert row["pixel_accuracy"] == pytest.approx(0.90, abs=0.01)
-    assert row["balanced_accuracy"] == pytest.approx(0.5)
-    assert case_metrics(truth, truth, (3.0, 3.0, 3.0))["balanced_accuracy"] == 1.0
+    assert row.pixel_accuracy == pytest.approx(0.90, abs=0.01)
+    assert row.balanced_accuracy == pytest.approx(0.5)
+    assert case_metrics(truth, truth, (3.0, 3.0, 3.0)).balanced_accuracy == 1.0
 
 
 def test_pooled_validation_score_does_not_halve_for_one_false_positive_voxel() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from liverpipe.metrics import case_dice, dice
+from liverpipe.evaluate import case_dice, dice
 from liverpipe.models import MODELS, ModelWeightsError, build_model
 
 

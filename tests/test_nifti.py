@@ -11,9 +11,9 @@ import pytest
 from conftest import write_nifti
 
 from liverpipe.errors import GeometryMismatchError, InvalidScanError, LabelValueError
-from liverpipe.nifti import read_header, read_voxels
+from liverpipe.io import read_header, read_voxels
+from liverpipe.preprocess import check_affines_match, check_image_values, check_label_values
 from liverpipe.settings import CheckConfig
-from liverpipe.validate import check_affines_match, check_image_values, check_label_values
 
 RNG = np.random.default_rng(42)
 VOLUME = RNG.integers(-1000, 1500, size=(7, 6, 5)).astype(np.int16)

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, assign_uids, copy_runs, free_port
 
 from liverpipe.errors import LiverpipeError
-from liverpipe.pacs import (
+from liverpipe.ops.pacs import (
     Pacs,
     PacsError,
     PacsLedger,

@@ -16,17 +16,17 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from liverpipe.errors import LiverpipeError
 from liverpipe.geometry import CanonicalGeometry
-from liverpipe.inference import native_labels, prepare_scan
-from liverpipe.measure import longest_axial_diameter, measure
-from liverpipe.nifti import case_id_of
-from liverpipe.predict import (
-    Cascade,
+from liverpipe.infer import (
     PostProcess,
     Predictor,
-    load_cascade,
-    load_run,
+    longest_axial_diameter,
+    measure,
+    native_labels,
     predict_path,
+    prepare_scan,
 )
+from liverpipe.io import case_id_of
+from liverpipe.models import Cascade, load_cascade, load_run
 from liverpipe.preprocess import canonical_view, resample_label
 from liverpipe.settings import PreprocessConfig
 
@@ -271,7 +271,7 @@ def test_ensemble_tta_and_post_processing_switches(
     cleaned, _ = Predictor(cascades).labels(scan)
     with_tta, _ = Predictor(cascades, tta=True).labels(scan)
     assert plain.shape == cleaned.shape == with_tta.shape
-    from liverpipe.metrics import class_masks
+    from liverpipe.evaluate import class_masks
 
     # post-processing only removes voxels, and leaves at most one liver component
     assert not (cleaned.astype(bool) & ~plain.astype(bool)).any()

@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO, write_nifti
 
 from liverpipe.geometry import world_of_indices
-from liverpipe.nifti import read_header, read_voxels
-from liverpipe.pipeline import assign_split, assign_splits, preprocess_dataset, serial_runner
+from liverpipe.io import read_header, read_voxels
+from liverpipe.preprocess import assign_split, assign_splits, preprocess_dataset, serial_runner
 from liverpipe.settings import Settings, load_settings
 from storage import SliceStore
 
@@ -177,7 +177,7 @@ def test_bad_cases_are_recorded_and_good_ones_stored(tmp_path: Path, phantom_dir
 def test_storage_dtype_error_is_bounded(phantom_dir: Path, dtype: str, bound_hu: float) -> None:
     """Decoding a stored image gives the windowed HU back within half a quantisation step."""
     from liverpipe.geometry import CanonicalGeometry
-    from liverpipe.preprocess import (
+    from liverpipe.preprocess.kernels import (
         AIR_HU,
         body_centre,
         canonical_view,
@@ -320,7 +320,7 @@ def test_label_crop_first_gives_the_stored_labels_of_the_whole_volume_path(
     memory). The stored labels must equal, voxel for voxel, those of the masks built on
     the whole volume, also when the label touches the first or last slice or an edge."""
     from liverpipe.labels import Label
-    from liverpipe.preprocess import Grid, _resample_in_box, resample_label
+    from liverpipe.preprocess.kernels import Grid, _resample_in_box, resample_label
 
     rng = np.random.default_rng(sum(z_span))
     labels = np.zeros((20, 40, 36), dtype=np.uint8)
@@ -335,15 +335,29 @@ def test_label_crop_first_gives_the_stored_labels_of_the_whole_volume_path(
 
     reference = np.zeros(grid.shape, dtype=np.uint8)  # the masks on the whole volume
     if interpolation == "nearest":
-        _resample_in_box(labels, labels > 0, affine, grid, reference, "nearest", lambda v: v)
+        _resample_in_box(
+            labels, labels > 0, affine, grid, reference, "nearest", encode_values=lambda v: v
+        )
     else:
         liver, tumour = labels >= 1, labels == 2
         _resample_in_box(
-            liver.view(np.uint8), liver, affine, grid, reference, "linear", lambda v: (v >= 0.5) * 1
+            liver.view(np.uint8),
+            liver,
+            affine,
+            grid,
+            reference,
+            "linear",
+            encode_values=lambda v: (v >= 0.5) * 1,
         )
         tumour_out = np.zeros(grid.shape, dtype=np.uint8)
         _resample_in_box(
-            tumour.view(np.uint8), tumour, affine, grid, tumour_out, "linear", lambda v: v >= 0.5
+            tumour.view(np.uint8),
+            tumour,
+            affine,
+            grid,
+            tumour_out,
+            "linear",
+            encode_values=lambda v: v >= 0.5,
         )
         reference[tumour_out > 0] = 2
     got = resample_label(labels, affine, grid, interpolation)

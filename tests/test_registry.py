@@ -18,14 +18,12 @@ import torch
 from conftest import REPO, copy_runs
 from typer.testing import CliRunner
 
-from liverpipe.checkpoint import save_checkpoint
 from liverpipe.cli import app
 from liverpipe.errors import LiverpipeError
-from liverpipe.identity import FileIdentity
-from liverpipe.inbox import Ledger, to_predict
-from liverpipe.pipeline import preprocess_dataset, serial_runner
-from liverpipe.promotion import challenge, rollback
-from liverpipe.registry import ENSEMBLE, Registry
+from liverpipe.io import FileIdentity
+from liverpipe.models import save_checkpoint
+from liverpipe.ops import ENSEMBLE, Ledger, Registry, challenge, rollback, to_predict
+from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.rundir import RunRecord, new_run_id, resolve_run, run_folders
 from liverpipe.settings import RegistryConfig, load_settings
 from storage import SliceStore
@@ -267,8 +265,8 @@ def test_models_cli_lists_and_predict_names_the_champion(
 _WRITER = """
 import sys
 from pathlib import Path
-from liverpipe.inbox import Ledger
-from liverpipe.registry import Registry
+from liverpipe.ops.inbox import Ledger
+from liverpipe.ops.registry import Registry
 root, kind = Path(sys.argv[1]), sys.argv[2]
 big = {f"case_{i:05d}": {"sha256": "x" * 64, "identity": [i, i, i, i]} for i in range(3000)}
 print("ready", flush=True)
@@ -347,7 +345,7 @@ def test_run_ids_sort_by_time_and_name_their_content() -> None:
 def test_repredict_on_promotion_keeps_both_versions(
     runs_root: Path, phantom_dir: Path, tmp_path: Path
 ) -> None:
-    from liverpipe.inbox import champion, predict_pending
+    from liverpipe.ops import champion, predict_pending
 
     inbox = tmp_path / "inbox" / "imagesTs"
     inbox.mkdir(parents=True)

@@ -21,9 +21,9 @@ from storage import (
     SliceStore,
     StoreLock,
     StoreLockedError,
+    utc_now,
+    window_indices,
 )
-from storage.manifest import utc_now
-from storage.reader import window_indices
 
 
 def _meta(case_id: str, shape: tuple[int, int, int] = (5, 8, 8)) -> CaseMeta:

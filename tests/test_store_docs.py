@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from conftest import REPO
 
-from liverpipe.pipeline import preprocess_dataset, serial_runner
+from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.settings import load_settings
 
 

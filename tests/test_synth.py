@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from liverpipe.cli import app
 from liverpipe.geometry import to_canonical
+from liverpipe.io import read_header, read_voxels
 from liverpipe.labels import Label
-from liverpipe.nifti import read_header, read_voxels
 from liverpipe.synth import Tissue, generate_dataset, label_of, render_case
 from liverpipe.synth.phantom import plan_case
 

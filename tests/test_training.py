@@ -11,11 +11,16 @@ import pytest
 import torch
 from conftest import REPO
 
-from liverpipe.augment import augment_batch
-from liverpipe.checkpoint import CheckpointMismatchError, load_checkpoint
-from liverpipe.sampling import ResidentSource, SliceSampler, SliceTable, StreamingSource
+from liverpipe.models import CheckpointMismatchError, load_checkpoint
 from liverpipe.settings import AugmentConfig, load_settings
-from liverpipe.train import train
+from liverpipe.train import (
+    ResidentSource,
+    SliceSampler,
+    SliceTable,
+    StreamingSource,
+    augment_batch,
+    train,
+)
 from storage import SliceStore
 
 TINY = REPO / "configs" / "tiny.toml"
@@ -131,7 +136,7 @@ def test_flips_mirror_image_and_label_together_on_the_configured_axes() -> None:
 
 def test_without_val_cases_last_checkpoint_is_the_model(tiny_store: Path, tmp_path: Path) -> None:
     """No val case: nothing can choose best.pt; the run says so and keeps last.pt."""
-    from liverpipe.pipeline import preprocess_dataset, serial_runner
+    from liverpipe.preprocess import preprocess_dataset, serial_runner
 
     settings = load_settings(
         TINY,
@@ -151,13 +156,13 @@ def test_without_val_cases_last_checkpoint_is_the_model(tiny_store: Path, tmp_pa
 
 
 def test_validation_score_is_pooled_over_the_val_cases(tiny_store: Path) -> None:
-    from liverpipe.inference import predict_probabilities
-    from liverpipe.metrics import case_counts, pooled_score
+    from liverpipe.evaluate import case_counts, pooled_score
+    from liverpipe.infer import predict_probabilities
     from liverpipe.models import build_model
-    from liverpipe.stages import validate
+    from liverpipe.train import validate
 
     store = SliceStore.open(tiny_store)
-    model = build_model("deeplabv3plus", "resnet18", 3, 3)
+    model = build_model("deeplabv3plus", encoder="resnet18", in_channels=3, classes=3)
     ids = store.cases()
     cfg = load_settings(TINY).train
     scores = validate(model, store, ids, cfg, torch.device("cpu"))
@@ -323,7 +328,7 @@ def test_train_all_runs_one_process_per_gpu_and_isolates_a_failure(
     tiny_store: Path, tmp_path: Path
 ) -> None:
     from liverpipe.settings import load_settings
-    from liverpipe.train_all import train_all
+    from liverpipe.train import train_all
 
     settings = load_settings(TINY, {"train": {"steps": 2}, "tumour": {"steps": 2}})
     (tmp_path / "manet" / "tumour").mkdir(parents=True)
@@ -352,7 +357,7 @@ def test_train_all_runs_one_process_per_gpu_and_isolates_a_failure(
 def test_liver_stage_reads_slices_averaged_down_and_upsamples_back() -> None:
     """Pooling pads to the stride, averages blocks; labels take each block's majority; the
     softmax comes back to the full size, constant where the input was."""
-    from liverpipe.inference import pool, pool_labels, unpool
+    from liverpipe.infer import pool, pool_labels, unpool
 
     images = torch.zeros(2, 3, 96, 160)
     images[:, :, :48] = 1.0
@@ -370,7 +375,7 @@ def test_liver_stage_reads_slices_averaged_down_and_upsamples_back() -> None:
 
 
 def test_epochs_set_the_training_length() -> None:
-    from liverpipe.stages import resolve_steps
+    from liverpipe.train import resolve_steps
 
     cfg = load_settings(TINY, {"train": {"epochs": 2.5, "batch_size": 8}}).train
     assert resolve_steps(cfg, 100, world=1) == 32  # ceil(2.5 * 100 / 8)
@@ -381,8 +386,7 @@ def test_epochs_set_the_training_length() -> None:
 def test_tumour_stage_trains_on_liver_roi_crops(tiny_store: Path, tmp_path: Path) -> None:
     """The tumour stage's batches are crops of the configured size inside the liver ROI,
     liver-relative (the liver's median near 0); half centred on tumour when there is any."""
-    from liverpipe.sampling import RoiSource, SliceSampler
-    from liverpipe.stages import stage_table
+    from liverpipe.train import RoiSource, SliceSampler, stage_table
 
     store = SliceStore.open(tiny_store)
     cfg = load_settings(TINY).tumour

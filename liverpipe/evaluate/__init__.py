@@ -1,0 +1,91 @@
+"""Scoring: the metric kernels, the per-case and per-split evaluation of trained runs, the
+report (Markdown, HTML, JSON) and the preview montages.
+"""
+
+from __future__ import annotations
+
+from liverpipe.evaluate.metrics import (
+    CLASSES,
+    EMPTY_RULE,
+    LESION_RULE,
+    CaseMetrics,
+    ClassScore,
+    EmptyRule,
+    LesionCounts,
+    balanced_accuracy,
+    case_counts,
+    case_dice,
+    case_metrics,
+    class_masks,
+    confusion,
+    dice,
+    empty_rule_text,
+    lesion_detection,
+    overlap,
+    overlap_from_counts,
+    pooled_score,
+    surface_distances,
+)
+from liverpipe.evaluate.preview import PreviewCase, write_montage
+from liverpipe.evaluate.records import (
+    Aggregate,
+    CaseScore,
+    ClassAggregate,
+    Column,
+    Stats,
+    Table,
+    format_score,
+)
+from liverpipe.evaluate.report import HEADLINE, headline_split, headline_table, write_report
+from liverpipe.evaluate.scoring import (
+    ENSEMBLE,
+    SEED_ROWS,
+    SPLITS,
+    STAGE1,
+    Evaluation,
+    evaluate,
+    seed_table,
+)
+
+__all__ = [
+    "CLASSES",
+    "EMPTY_RULE",
+    "ENSEMBLE",
+    "HEADLINE",
+    "LESION_RULE",
+    "SEED_ROWS",
+    "SPLITS",
+    "STAGE1",
+    "Aggregate",
+    "CaseMetrics",
+    "CaseScore",
+    "ClassAggregate",
+    "ClassScore",
+    "Column",
+    "EmptyRule",
+    "Evaluation",
+    "LesionCounts",
+    "PreviewCase",
+    "Stats",
+    "Table",
+    "balanced_accuracy",
+    "case_counts",
+    "case_dice",
+    "case_metrics",
+    "class_masks",
+    "confusion",
+    "dice",
+    "empty_rule_text",
+    "evaluate",
+    "format_score",
+    "headline_split",
+    "headline_table",
+    "lesion_detection",
+    "overlap",
+    "overlap_from_counts",
+    "pooled_score",
+    "seed_table",
+    "surface_distances",
+    "write_montage",
+    "write_report",
+]

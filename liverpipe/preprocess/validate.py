@@ -1,0 +1,286 @@
+"""Validation of cases: header first, then data, then image/label agreement, then what
+the stored grid would keep (thickness, in-plane field of view).
+
+Every problem becomes one sentence naming the file, what is wrong and the fix.
+``check_case`` never raises for bad input: it returns a :class:`CaseReport`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from liverpipe._system import available_cpus
+from liverpipe.errors import (
+    GeometryMismatchError,
+    InvalidScanError,
+    LabelValueError,
+    LiverpipeError,
+)
+from liverpipe.geometry import CanonicalGeometry
+from liverpipe.io import (
+    CaseFiles,
+    DatasetIndex,
+    NiftiInfo,
+    find_series,
+    read_header,
+    read_voxels,
+    write_nifti,
+)
+from liverpipe.labels import Label
+from liverpipe.preprocess.fov import (
+    FovReport,
+    check_grid_size,
+    check_thickness,
+    crop_window,
+    fov_findings,
+    label_columns,
+    needed_size,
+    widen_to_body,
+)
+from liverpipe.preprocess.kernels import (
+    BodyFootprint,
+    Grid,
+    body_footprint,
+    canonical_view,
+    fraction_outside,
+    stored_grid,
+)
+from liverpipe.settings import CheckConfig, PreprocessConfig
+
+__all__ = [
+    "CaseReport",
+    "check_affines_match",
+    "check_case",
+    "check_dataset",
+    "check_image_values",
+    "check_label_values",
+    "check_series",
+]
+
+T = TypeVar("T")
+_VALID_LABELS = frozenset(int(v) for v in Label)
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """Outcome of checking one case; ``errors`` is empty when ``ok``."""
+
+    case_id: str
+    ok: bool
+    errors: tuple[str, ...]
+    shape: tuple[int, int, int] | None = None
+    spacing: tuple[float, float, float] | None = None
+    axcodes: str | None = None
+    warnings: tuple[str, ...] = ()
+    fov: dict[str, object] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "case_id": self.case_id,
+            "ok": self.ok,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "fov": self.fov,
+        }
+
+
+def check_image_values(path: Path, data: np.ndarray) -> None:
+    """Raise InvalidScanError when a float image holds NaN or infinite values."""
+    if data.dtype.kind != "f" or np.isfinite(data.sum(dtype=np.float64)):
+        return  # one pass, no temporary array; count only when something is wrong
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InvalidScanError(
+            path,
+            f"{bad} voxels are NaN or infinite",
+            "replace them with a valid HU value (e.g. -1024 for air) before ingest",
+        )
+
+
+def check_label_values(path: Path, data: np.ndarray) -> None:
+    """Raise LabelValueError unless every voxel is an integral value in {0, 1, 2}.
+
+    Runs over slabs of the last axis so that float labels never need a full-size
+    temporary (the volume is Fortran-ordered from NIfTI, so slabs are contiguous).
+    """
+    step = max(1, (1 << 22) // max(1, data[..., 0].size))
+    for k in range(0, data.shape[-1], step):
+        _check_label_slab(path, data[..., k : k + step])
+
+
+def _check_label_slab(path: Path, data: np.ndarray) -> None:
+    if data.dtype.kind == "f":
+        integral = np.isfinite(data) & (np.floor(data) == data)
+        if not integral.all():
+            odd = np.unique(data[~integral])[:5]
+            raise LabelValueError(
+                path,
+                f"label values must be integers, found {', '.join(f'{v:g}' for v in odd)}",
+                "round the label map to 0/1/2 (it may have been resampled with linear "
+                "interpolation; use nearest neighbour)",
+            )
+    if data.size and (data.min() < 0 or data.max() > max(_VALID_LABELS)):
+        values = np.unique(data)
+        extra = [f"{v:g}" for v in values if int(v) not in _VALID_LABELS][:8]
+        raise LabelValueError(
+            path,
+            f"label values must be 0 (background), 1 (liver) or 2 (tumour), found {', '.join(extra)}",
+            "map the other values to 0/1/2 (e.g. several tumour ids to 2) before ingest",
+        )
+
+
+def check_affines_match(image: NiftiInfo, label: NiftiInfo, tolerance_mm: float) -> None:
+    """Raise GeometryMismatchError unless image and label share shape and voxel grid.
+
+    The grids agree when every corner voxel of the volume lands within ``tolerance_mm``
+    of the same world point under both affines.
+    """
+    if image.shape != label.shape:
+        raise GeometryMismatchError(
+            label.path,
+            f"label shape {label.shape} differs from image shape {image.shape} ({image.path.name})",
+            "resample the label onto the image grid with nearest-neighbour interpolation",
+        )
+    corners = np.array(list(product(*[(0, n - 1) for n in image.shape])), dtype=np.float64)
+    corners = np.c_[corners, np.ones(len(corners))]
+    gap = float(np.abs(corners @ image.affine.T - corners @ label.affine.T)[:, :3].max())
+    if gap > tolerance_mm:
+        raise GeometryMismatchError(
+            label.path,
+            f"label grid is {gap:.4g} mm away from the image grid ({image.path.name}); "
+            f"the tolerance is {tolerance_mm:g} mm",
+            "copy the image's affine into the label header if the voxels correspond, "
+            "otherwise resample the label onto the image grid",
+        )
+
+
+def check_case(
+    case: CaseFiles,
+    limits: CheckConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+) -> CaseReport:
+    """Validate one case as preprocessing would: headers, voxel data, image/label
+    agreement, thickness and the stored crop's field of view (``preprocess`` gives the
+    stored grid; defaults apply when it is None)."""
+    limits = limits or CheckConfig()
+    preprocess = preprocess or PreprocessConfig()
+    errors = list(case.problems)
+    image = _guard(errors, read_header, case.image, limits) if case.image else None
+    label = _guard(errors, read_header, case.label, limits) if case.label else None
+    coverage = None
+    if image is not None:
+        coverage = _guard(errors, _image_coverage, image, preprocess, limits)
+    label_columns_ = None
+    if label is not None:
+        label_columns_ = _guard(errors, _label_columns, label, coverage)
+    if image is not None and label is not None:
+        _guard(errors, check_affines_match, image, label, limits.affine_tolerance_mm)
+    warnings = [*(image.warnings if image else ()), *(label.warnings if label else ())]
+    fov = None
+    if coverage is not None and image is not None:
+        body, geometry, grid = coverage
+        window = crop_window(geometry, grid)
+        outside = None if label_columns_ is None else fraction_outside(label_columns_, window)
+        fov = FovReport(body.fraction_outside(window), outside, needed_size(body, geometry, grid))
+        found = _guard(errors, fov_findings, image.path, fov, preprocess, limits)
+        warnings += found or []
+    return CaseReport(
+        case.case_id,
+        not errors,
+        tuple(errors),
+        image.shape if image else None,
+        image.spacing if image else None,
+        "".join(image.axcodes) if image else None,
+        tuple(dict.fromkeys(warnings)),
+        fov.to_json() if fov else None,
+    )
+
+
+def _image_coverage(
+    image: NiftiInfo, preprocess: PreprocessConfig, limits: CheckConfig
+) -> tuple[BodyFootprint, CanonicalGeometry, Grid]:
+    """Read and check the voxels; the body footprint and the stored grid of the scan."""
+    data = read_voxels(image)
+    check_image_values(image.path, data)
+    geometry = CanonicalGeometry.of(image.shape, image.affine)
+    check_thickness(image, geometry, preprocess, limits)
+    body = body_footprint(canonical_view(data, geometry), preprocess.body_threshold_hu)
+    grid = stored_grid(geometry, body.centre, preprocess)
+    check_grid_size(image.path, grid, limits)
+    if body.fraction_outside(crop_window(geometry, grid)) > 0:  # prediction widens the grid
+        check_grid_size(image.path, widen_to_body(geometry, grid, body)[0], limits)
+    return body, geometry, grid
+
+
+def _label_columns(
+    label: NiftiInfo, coverage: tuple[BodyFootprint, CanonicalGeometry, Grid] | None
+) -> np.ndarray | None:
+    """Check the label values; its per-column counts on the image's canonical grid."""
+    data = read_voxels(label)
+    check_label_values(label.path, data)
+    if coverage is None or data.shape != coverage[1].original_shape:
+        return None
+    return label_columns(canonical_view(data, coverage[1]))
+
+
+def check_dataset(
+    index: DatasetIndex,
+    limits: CheckConfig | None = None,
+    preprocess: PreprocessConfig | None = None,
+) -> Iterator[CaseReport]:
+    """Check every case with a thread pool (decompression releases the GIL); yields in order."""
+    limits = limits or CheckConfig()
+    workers = limits.workers or available_cpus()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(lambda c: check_case(c, limits, preprocess), index.cases)
+
+
+def _guard(errors: list[str], step: Callable[..., T], *args: Any) -> T | None:
+    """Run one check; a LiverpipeError becomes an error sentence instead of propagating."""
+    try:
+        return step(*args)
+    except LiverpipeError as err:
+        errors.append(str(err))
+        return None
+
+
+def check_series(
+    folder: Path, limits: CheckConfig | None = None, preprocess: PreprocessConfig | None = None
+) -> list[CaseReport]:
+    """``liverpipe check`` for a folder of DICOM series: each series is read and checked
+    as a series, then as the NIfTI it becomes (header, values, thickness, field of view)."""
+    limits = limits or CheckConfig()
+    try:
+        found = find_series(folder)
+    except LiverpipeError as err:
+        return [CaseReport(Path(folder).name, False, (str(err),))]
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="liverpipe-dicom-") as tmp:
+        for series in found:
+            try:
+                scan = write_nifti(series, Path(tmp) / f"{series.name}.nii.gz", limits)
+            except LiverpipeError as err:
+                reports.append(CaseReport(series.name, False, (str(err),)))
+                continue
+            report = check_case(CaseFiles(series.name, scan, None, "test"), limits, preprocess)
+            reports.append(
+                replace(
+                    report,
+                    errors=_named(report.errors, scan, series.folder),
+                    warnings=_named(report.warnings, scan, series.folder),
+                )
+            )
+    return reports
+
+
+def _named(messages: tuple[str, ...], scan: Path, folder: Path) -> tuple[str, ...]:
+    """Messages about the temporary NIfTI, naming the series folder instead."""
+    return tuple(m.replace(str(scan), str(folder)) for m in messages)

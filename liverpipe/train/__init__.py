@@ -1,0 +1,64 @@
+"""Training from the slice store: sampling and the streaming/resident sources,
+augmentation, the training loop with its validation and stage-specific parts, and the
+launcher that trains every model of a run (``python -m liverpipe.train`` is one job).
+"""
+
+from __future__ import annotations
+
+from liverpipe.train.augment import augment_batch
+from liverpipe.train.launch import (
+    STAGES,
+    ModelOutcome,
+    parse_gpus,
+    read_result,
+    start_run,
+    train_all,
+    visible_gpus,
+)
+from liverpipe.train.loop import TrainResult, lr_factor, train
+from liverpipe.train.sampling import (
+    ResidentSource,
+    RoiSource,
+    SliceSampler,
+    SliceTable,
+    StreamingSource,
+    decode_scale,
+)
+from liverpipe.train.stages import (
+    THRESHOLDS,
+    Source,
+    make_source,
+    prepare_batch,
+    resolve_steps,
+    stage_table,
+    tune_threshold,
+    validate,
+)
+
+__all__ = [
+    "STAGES",
+    "THRESHOLDS",
+    "ModelOutcome",
+    "ResidentSource",
+    "RoiSource",
+    "SliceSampler",
+    "SliceTable",
+    "Source",
+    "StreamingSource",
+    "TrainResult",
+    "augment_batch",
+    "decode_scale",
+    "lr_factor",
+    "make_source",
+    "parse_gpus",
+    "prepare_batch",
+    "read_result",
+    "resolve_steps",
+    "stage_table",
+    "start_run",
+    "train",
+    "train_all",
+    "tune_threshold",
+    "validate",
+    "visible_gpus",
+]

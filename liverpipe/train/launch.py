@@ -1,0 +1,257 @@
+"""Train both stages of the three architectures: here one after another, or one per GPU.
+
+:func:`start_run` makes a new versioned run ``RUNS/<run_id>`` (``run.json`` records the
+store, its config hash and the exact cases; nothing is overwritten). In it each
+architecture gets ``<model>/liver`` (stage 1) and ``<model>/tumour`` (stage 2); the stages train independently (stage 2 reads the ground-truth liver's ROI),
+so the six jobs can run in any order. With several GPUs each job runs in its own
+``python -m liverpipe.train`` process pinned to one device (``CUDA_VISIBLE_DEVICES``), at
+most one job per GPU at a time; the resolved settings travel as JSON, so a child trains
+with exactly the parent's config. A job that fails does not stop the others; its error
+(and log file) is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from liverpipe.models import MODELS
+from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
+from liverpipe.settings import Settings, Stage
+from liverpipe.train.loop import TrainResult, train
+from storage import SliceStore
+
+__all__ = [
+    "STAGES",
+    "ModelOutcome",
+    "parse_gpus",
+    "read_result",
+    "start_run",
+    "train_all",
+    "visible_gpus",
+]
+
+#: The stages train-all trains for each model, in order.
+STAGES: tuple[Stage, ...] = ("liver", "tumour")
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One model's result, or why it failed."""
+
+    model: str
+    run_dir: Path
+    result: TrainResult | None
+    error: str | None = None
+    device: str = "this process"
+    stage: Stage = "liver"
+
+    @property
+    def job(self) -> str:
+        return f"{self.model} {self.stage}"
+
+
+def visible_gpus() -> list[str]:
+    """CUDA device indices this process may use (empty on a CPU machine)."""
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(text: str) -> list[str] | None:
+    """``auto`` -> None (every visible GPU); ``0,1`` -> ["0", "1"]; ``none`` -> []."""
+    if text == "auto":
+        return None
+    return [g.strip() for g in text.split(",") if g.strip() not in {"", "none"}]
+
+
+def read_result(run_dir: Path) -> TrainResult:
+    """The ``result.json`` a finished training run leaves in its folder."""
+    result = RunResult.read(StageDir(run_dir))
+    return TrainResult(run_dir, result.steps, result.best_score, result.last_loss)
+
+
+def start_run(
+    runs_root: Path,
+    store_path: Path,
+    settings: Settings,
+    models: Sequence[str] = tuple(MODELS),
+    resume: bool = False,
+) -> Path:
+    """A new run folder ``RUNS/<run_id>`` with its ``run.json``; with ``resume``, the
+    newest run under ``runs_root`` (a new one when there is none)."""
+    runs_root = Path(runs_root)
+    if resume:
+        latest = latest_run(runs_root)
+        if latest is not None:
+            return latest
+    store = SliceStore.open(store_path)
+    cases = {split: store.cases(split) for split in ("train", "val", "test")}
+    recorded = settings.model_dump(mode="json")
+    run_id = new_run_id(recorded, cases)
+    folder = runs_root / run_id
+    folder.mkdir(parents=True)  # a run id is never reused
+    RunRecord(
+        run_id=run_id,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        store=str(Path(store_path).resolve()),
+        store_config_hash=store.meta.config_hash,
+        cases=cases,
+        models=list(models),
+        settings=recorded,
+    ).write(folder)
+    return folder
+
+
+def train_all(
+    store_path: Path,
+    runs_dir: Path,
+    settings: Settings,
+    *,
+    resume: bool = False,
+    gpus: Sequence[str] | None = None,
+    models: Sequence[str] = tuple(MODELS),
+    on_done: Callable[[ModelOutcome], None] | None = None,
+    on_start: Callable[[str], Callable[[int, float], None]] | None = None,
+    stages: Sequence[Stage] = STAGES,
+) -> list[ModelOutcome]:
+    """Train each model's stages into ``runs_dir/<model>/<stage>/``; in parallel when
+    ``gpus`` has 2 or more.
+
+    ``gpus`` defaults to every visible CUDA device. Outcomes come back in (model, stage)
+    order. ``on_start("<model> <stage>")`` may return a per-step callback (``on_step``)
+    for jobs trained in this process; jobs in their own processes report through
+    ``train.log``.
+    """
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    record = runs_dir / RUN_RECORD
+    cases = RunRecord.read(runs_dir).cases if record.is_file() else None
+    per_model = {m: _for_model(settings, m) for m in models}
+    jobs = [(m, stage) for m in models for stage in stages]
+    if len(gpus) <= 1:
+        outcomes = []
+        for name, stage in jobs:
+            on_step = on_start(f"{name} {stage}") if on_start else None
+            outcome = _train_here(
+                store_path,
+                runs_dir / name / stage,
+                per_model[name],
+                resume,
+                on_step,
+                stage,
+                cases=cases,
+            )
+            if on_done:
+                on_done(outcome)
+            outcomes.append(outcome)
+        return outcomes
+    free: queue.Queue[str] = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def one(job: tuple[str, Stage]) -> ModelOutcome:
+        name, stage = job
+        gpu = free.get()
+        try:
+            outcome = _train_child(
+                store_path,
+                runs_dir / name / stage,
+                per_model[name],
+                resume,
+                gpu,
+                stage,
+                record=record,
+            )
+        finally:
+            free.put(gpu)
+        if on_done:
+            on_done(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def _for_model(settings: Settings, model: str) -> Settings:
+    """The settings with both stages set to ``model``."""
+    return settings.model_copy(
+        update={
+            "train": settings.train.model_copy(update={"model": model}),
+            "tumour": settings.tumour.model_copy(update={"model": model}),
+        }
+    )
+
+
+def _train_here(
+    store_path: Path,
+    run_dir: Path,
+    settings: Settings,
+    resume: bool,
+    on_step: Callable[[int, float], None] | None,
+    stage: Stage,
+    *,
+    cases: dict[str, list[str]] | None,
+) -> ModelOutcome:
+    name = settings.stage(stage).model
+    try:
+        result = train(
+            store_path, run_dir, settings, resume=resume, on_step=on_step, stage=stage, cases=cases
+        )
+        return ModelOutcome(name, run_dir, result, stage=stage)
+    except Exception as err:  # one model's failure must not stop the others
+        return ModelOutcome(name, run_dir, None, f"{type(err).__name__}: {err}", stage=stage)
+
+
+def _train_child(
+    store_path: Path,
+    run_dir: Path,
+    settings: Settings,
+    resume: bool,
+    gpu: str,
+    stage: Stage,
+    *,
+    record: Path,
+) -> ModelOutcome:
+    name = settings.stage(stage).model
+    folder = StageDir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = folder.settings
+    settings_file.write_text(settings.model_dump_json(indent=2))
+    folder.result.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "liverpipe.train",
+        "--store",
+        str(store_path),
+        "--out",
+        str(run_dir),
+        "--settings",
+        str(settings_file),
+        "--stage",
+        stage,
+    ]
+    if resume:
+        cmd.append("--resume")
+    if record.is_file():
+        cmd += ["--run-record", str(record)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    log = folder.log
+    with log.open("a") as fh:
+        code = subprocess.run(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
+        ).returncode
+    device = f"GPU {gpu}"
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        return ModelOutcome(
+            name, run_dir, None, f"exit code {code}: {tail[0]} (full log: {log})", device, stage
+        )
+    return ModelOutcome(name, run_dir, read_result(run_dir), None, device, stage)

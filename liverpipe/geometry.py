@@ -20,6 +20,7 @@ __all__ = [
     "CanonicalGeometry",
     "axis_codes",
     "from_canonical",
+    "orientation",
     "to_canonical",
     "voxel_spacing",
     "world_of_indices",
@@ -34,6 +35,12 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel size (mm) along each index axis of an affine: the lengths of its first three
     columns. Right for oblique grids too, where summing absolute entries is not."""
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def orientation(affine: np.ndarray) -> np.ndarray:
+    """nibabel's orientation array of an affine: ``[i] = (body axis, flip)`` of voxel axis
+    ``i``; NaN rows when two voxel axes point along one body axis (a degenerate affine)."""
+    return io_orientation(np.asarray(affine, dtype=np.float64))
 
 
 def axis_codes(affine: np.ndarray) -> str:
@@ -55,7 +62,7 @@ class CanonicalGeometry:
 
     @classmethod
     def of(cls, shape: tuple[int, int, int], affine: np.ndarray) -> CanonicalGeometry:
-        ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+        ornt = orientation(affine)
         return cls(tuple(int(s) for s in shape[:3]), np.array(affine, dtype=np.float64), ornt)  # type: ignore[arg-type]
 
     @property

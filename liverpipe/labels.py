@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-__all__ = ["CLASSES", "DEFAULT_HU_WINDOW", "FLIP_DIMS", "LABEL_NAMES", "Label"]
+__all__ = ["DEFAULT_HU_WINDOW", "FLIP_DIMS", "LABEL_NAMES", "NUM_CLASSES", "Label"]
 
 
 class Label(IntEnum):
@@ -17,7 +17,7 @@ class Label(IntEnum):
 
 
 #: Output channels of every model: one logit per label value.
-CLASSES: Final[int] = len(Label)
+NUM_CLASSES: Final[int] = len(Label)
 
 
 #: Names written to ``dataset.json`` and reports, keyed by label value.

@@ -18,7 +18,7 @@ import torch
 
 from liverpipe.geometry import CanonicalGeometry, from_canonical
 from liverpipe.io import NiftiInfo
-from liverpipe.labels import CLASSES, FLIP_DIMS, Label
+from liverpipe.labels import FLIP_DIMS, NUM_CLASSES, Label
 from liverpipe.preprocess import FovReport, Grid, ZScoreStats, forward_case, resample_to_grid
 from liverpipe.settings import STRIDE, CheckConfig, PreprocessConfig
 from storage import window_indices
@@ -132,7 +132,7 @@ def unpool(probs: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Ten
     return up[:, :, : size[0], : size[1]]
 
 
-def pool_labels(labels: torch.Tensor, factor: int, classes: int = CLASSES) -> torch.Tensor:
+def pool_labels(labels: torch.Tensor, factor: int, classes: int = NUM_CLASSES) -> torch.Tensor:
     """(B, Y, X) labels down by ``factor``: the majority label of each block."""
     if factor == 1:
         return labels

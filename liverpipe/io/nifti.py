@@ -17,10 +17,9 @@ import nibabel as nib
 import numpy as np
 from isal import igzip
 from nibabel.openers import ImageOpener
-from nibabel.orientations import io_orientation
 
 from liverpipe.errors import InvalidScanError, LiverpipeError
-from liverpipe.geometry import SPATIAL_DIMS, axis_codes, voxel_spacing
+from liverpipe.geometry import SPATIAL_DIMS, axis_codes, orientation, voxel_spacing
 from liverpipe.io.sniff import sniff
 from liverpipe.settings import CheckConfig
 
@@ -422,7 +421,7 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
             "the voxel-to-world affine (sform/qform) is not finite and invertible",
             "repair the sform/qform in the header (e.g. nibabel set_sform with a valid matrix)",
         )
-    if np.isnan(io_orientation(affine)).any():  # two voxel axes point along one body axis
+    if np.isnan(orientation(affine)).any():  # two voxel axes point along one body axis
         raise InvalidScanError(
             path,
             f"the voxel axes cannot be matched to the patient's axes (affine {_axes_text(affine)} "

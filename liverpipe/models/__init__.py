@@ -9,6 +9,7 @@ from liverpipe.models.architectures import (
     ModelWeightsError,
     build_model,
     decoder_options,
+    model_for,
     pick_device,
 )
 from liverpipe.models.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
@@ -36,6 +37,7 @@ __all__ = [
     "load_cascade",
     "load_checkpoint",
     "load_run",
+    "model_for",
     "pick_device",
     "save_checkpoint",
 ]

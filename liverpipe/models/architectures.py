@@ -8,9 +8,17 @@ import segmentation_models_pytorch as smp
 import torch
 
 from liverpipe.errors import LiverpipeError
-from liverpipe.labels import CLASSES
+from liverpipe.labels import NUM_CLASSES
+from liverpipe.settings import TrainConfig
 
-__all__ = ["MODELS", "ModelWeightsError", "build_model", "decoder_options", "pick_device"]
+__all__ = [
+    "MODELS",
+    "ModelWeightsError",
+    "build_model",
+    "decoder_options",
+    "model_for",
+    "pick_device",
+]
 
 #: Registry: CLI / config name -> smp architecture name.
 MODELS: Final[dict[str, str]] = {
@@ -39,12 +47,25 @@ def decoder_options(name: str, depth: int, width: int) -> dict[str, object]:
     }
 
 
+def model_for(cfg: TrainConfig, encoder_weights: str | None = None) -> torch.nn.Module:
+    """The network a stage's config describes (one logit per label); ``encoder_weights``
+    as in :func:`build_model` (training passes the config's, loading a checkpoint none)."""
+    return build_model(
+        cfg.model,
+        encoder=cfg.encoder,
+        in_channels=cfg.context_slices,
+        encoder_weights=encoder_weights,
+        depth=cfg.encoder_depth,
+        width=cfg.decoder_width,
+    )
+
+
 def build_model(
     name: str,
     *,
     encoder: str = "resnet34",
     in_channels: int = 3,
-    classes: int = CLASSES,
+    classes: int = NUM_CLASSES,
     encoder_weights: str | None = None,
     depth: int = 5,
     width: int = 256,

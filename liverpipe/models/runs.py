@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from liverpipe.errors import LiverpipeError
-from liverpipe.labels import CLASSES
-from liverpipe.models.architectures import build_model
+from liverpipe.models.architectures import model_for
 from liverpipe.models.checkpoint import load_checkpoint
 from liverpipe.preprocess import ZScoreStats
 from liverpipe.rundir import RUN_RECORD, RunResult, StageDir, resolve_run
@@ -108,14 +107,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
             f"the checkpoint was trained for another stage than config.json's {stage!r}",
             "do not mix files between run folders; retrain into a fresh folder",
         )
-    model = build_model(
-        train_cfg.model,
-        encoder=train_cfg.encoder,
-        in_channels=train_cfg.context_slices,
-        classes=CLASSES,
-        depth=train_cfg.encoder_depth,
-        width=train_cfg.decoder_width,
-    )
+    model = model_for(train_cfg)
     model.load_state_dict(state["model"])
     model.to(device or torch.device("cpu")).eval()
     zscore = store_config.get("zscore")

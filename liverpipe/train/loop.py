@@ -27,8 +27,7 @@ import torch
 
 from liverpipe._files import strict_json, write_json_atomic
 from liverpipe.errors import ConfigError, LiverpipeError
-from liverpipe.labels import CLASSES
-from liverpipe.models import build_model, load_checkpoint, save_checkpoint
+from liverpipe.models import load_checkpoint, model_for, save_checkpoint
 from liverpipe.rundir import RunRecord, RunResult, StageDir
 from liverpipe.settings import STRIDE, Settings, Stage, TrainConfig, load_settings
 from liverpipe.train.augment import augment_batch
@@ -192,15 +191,7 @@ class _Job:
 
 def _build(cfg: TrainConfig, table: SliceTable, device: torch.device, dist: _Dist) -> _Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(
-        cfg.model,
-        encoder=cfg.encoder,
-        in_channels=cfg.context_slices,
-        classes=CLASSES,
-        encoder_weights=cfg.encoder_weights,
-        depth=cfg.encoder_depth,
-        width=cfg.decoder_width,
-    ).to(device)
+    model = model_for(cfg, cfg.encoder_weights).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))

@@ -49,9 +49,8 @@ def evaluate_runs(
         splits=splits or list(SPLITS),
         device=device,
         tta=tta,
-        on_case=lambda split, case: logger.info("evaluating %s/%s", split, case),
-        empty_rule=settings.evaluate.empty_rule,
-        max_train_cases=settings.evaluate.max_train_cases,
+        on_case=lambda split, case: logger.info("scored %s/%s", split, case),
+        settings=settings.evaluate,
     )
     paths = write_report(result, Path(runs), Path(out))
     markdown = headline_markdown(result, paths["html"].resolve())

@@ -54,11 +54,13 @@ def train_all_flow(
     gpus: str = "auto",
     report: str = "report",
     *,
+    cpu_jobs: int | None = None,
     resume: bool = False,
     promote: bool = True,
 ) -> dict[str, Any]:
     """Train both stages (liver, tumour) of UnetPlusPlus, MAnet and DeepLabV3Plus into a new
-    run RUNS/<run_id> (one job per GPU when there are several), evaluate every cascade,
+    run RUNS/<run_id> (one job per GPU when there are several; without a GPU, CPU_JOBS
+    side by side, by default one per core), evaluate every cascade,
     stage 1 alone and the ensemble into REPORT, then challenge the champions."""
     logger = get_run_logger()
     settings = load_settings(
@@ -82,7 +84,9 @@ def train_all_flow(
                 outcome.device,
             )
 
-    outcomes = train_all(Path(store), run, settings, resume=resume, gpus=devices, on_done=log)
+    outcomes = train_all(
+        Path(store), run, settings, resume=resume, gpus=devices, cpu_jobs=cpu_jobs, on_done=log
+    )
     failed = {o.job: o.error for o in outcomes if o.result is None}
     if len(failed) == len(outcomes):
         raise LiverpipeError(

@@ -32,7 +32,7 @@ app.add_typer(models_app, name="models")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="TOML file with [check], [synth], ... sections."),
+    typer.Option("--config", "-c", help="TOML file with \\[check], \\[synth], ... sections."),
 ]
 
 
@@ -334,7 +334,7 @@ def train_cmd(
     stage: Annotated[
         str,
         typer.Option(
-            help="liver (stage 1, whole slices, [train]) or tumour (stage 2, liver ROI, [tumour])."
+            help="liver (stage 1, whole slices, \\[train]) or tumour (stage 2, liver ROI, \\[tumour])."
         ),
     ] = "liver",
     resume: Annotated[
@@ -383,9 +383,19 @@ def train_all_cmd(
         str,
         typer.Option(
             help="'auto' (every visible GPU), a list such as '0,1', or 'none'. With 2 or more, "
-            "the models train in parallel, one per GPU; otherwise one after another here."
+            "the jobs train in parallel, one per GPU; with one, one after another here; "
+            "with none, side by side on the CPU (--cpu-jobs)."
         ),
     ] = "auto",
+    cpu_jobs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Without a GPU: jobs trained side by side, each in its own process with "
+            "its share of the cores (default: one per core, at most the six jobs; 1: one "
+            "after another here, with a progress bar).",
+        ),
+    ] = None,
     promote: Annotated[
         bool,
         typer.Option(
@@ -396,8 +406,9 @@ def train_all_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Train both stages of UnetPlusPlus, MAnet and DeepLabV3Plus into a new versioned run
-    OUT/<run_id>: one job per GPU in parallel, or in turn. Then the run challenges the
-    champions in OUT/registry.json (`liverpipe models list`).
+    OUT/<run_id>: one job per GPU in parallel, side by side on a machine without a GPU, or
+    in turn. Then the run challenges the champions in OUT/registry.json
+    (`liverpipe models list`).
 
     Example: liverpipe train-all --store stores/liver.zarr --out runs --config configs/tiny.toml
     """
@@ -426,7 +437,14 @@ def train_all_cmd(
 
     with _training_bar() as bar:
         outcomes = train_all(
-            store, run, settings, resume=resume, gpus=devices, on_done=report, on_start=start
+            store,
+            run,
+            settings,
+            resume=resume,
+            gpus=devices,
+            cpu_jobs=cpu_jobs,
+            on_done=report,
+            on_start=start,
         )
     failed = [o.job for o in outcomes if o.result is None]
     if failed:
@@ -597,9 +615,8 @@ def evaluate_cmd(
             splits=splits,
             device=dev,
             tta=tta,
-            on_case=lambda s, c: bar.update(task, description=f"evaluating {s}/{c}", advance=1),
-            empty_rule=settings.evaluate.empty_rule,
-            max_train_cases=settings.evaluate.max_train_cases,
+            on_case=lambda s, c: bar.update(task, description=f"scored {s}/{c}", advance=1),
+            settings=settings.evaluate,
         )
     paths = write_report(result, runs, out)
     headline = headline_table(result.aggregates())

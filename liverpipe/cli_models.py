@@ -35,7 +35,7 @@ ForceOpt = Annotated[
     typer.Option("--force", help="Skip the not-worse check; the history records that."),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML file; its [registry] rule applies.")
+    Path | None, typer.Option("--config", "-c", help="TOML file; its \\[registry] rule applies.")
 ]
 
 

@@ -95,6 +95,9 @@ def test_help_lists_commands_with_examples() -> None:
     assert all(cmd in result.stdout for cmd in ("synth", "check", "config"))
     for cmd in ("synth", "check", "config"):
         assert "Example: liverpipe" in runner.invoke(app, [cmd, "--help"]).stdout
+    # Section names in square brackets are text, not Rich markup that vanishes.
+    assert "[check], [synth]" in runner.invoke(app, ["config", "--help"]).stdout
+    assert "[tumour]" in runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
 
 
 def test_bad_config_is_a_clear_error(tiny_case: Path, tmp_path: Path) -> None:

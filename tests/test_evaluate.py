@@ -150,6 +150,30 @@ def test_evaluation_scores_what_predict_writes(
         )
 
 
+def test_cases_scored_side_by_side_give_the_same_rows_in_the_same_order(
+    tiny_store: Path, tiny_runs: Path
+) -> None:
+    """Threads score several cases at a time; the rows, their order, the overlays and
+    the progress callbacks are those of one case at a time."""
+    from liverpipe.settings import EvaluateConfig
+
+    calls: dict[int, list[tuple[str, str]]] = {1: [], 3: []}
+    results = {
+        w: evaluate(
+            tiny_store,
+            tiny_runs,
+            settings=EvaluateConfig(workers=w),
+            on_case=lambda s, c, w=w: calls[w].append((s, c)),
+        )
+        for w in (1, 3)
+    }
+    one, three = results[1], results[3]
+    assert len(one.cases) > 3 * len(MODELS)
+    assert [c.to_dict() for c in three.cases] == [c.to_dict() for c in one.cases]
+    assert calls[3] == calls[1] and len(calls[1]) == sum(len(v) for v in one.splits.values())
+    assert list(three.overlays) == list(one.overlays)
+
+
 def test_runs_of_another_store_config_are_refused(
     phantom_dir: Path, tiny_runs: Path, tmp_path: Path
 ) -> None:

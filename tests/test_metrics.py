@@ -219,3 +219,22 @@ def test_pooled_validation_score_does_not_halve_for_one_false_positive_voxel() -
     assert only_free["score"] == pytest.approx(only_free["liver"]) and not math.isnan(
         only_free["score"]
     )
+
+
+def test_surface_and_confusion_match_their_reference_definitions() -> None:
+    """The fast surface is the mask minus its 6-connected erosion with a background
+    border, voxel for voxel; the confusion counts are bincount's, on any shape."""
+    from liverpipe.evaluate.metrics import _surface, confusion
+
+    rng = np.random.default_rng(5)
+    for shape in [(9, 11, 13), (1, 7, 7), (2, 5, 3), (6, 6), (20, 30, 25)]:
+        mask = ndimage.binary_dilation(rng.random(shape) > 0.9, iterations=1)
+        mask[(0,) * len(shape)] = True  # touching the array's border
+        expected = mask & ~ndimage.binary_erosion(mask, border_value=0)
+        assert np.array_equal(_surface(mask), expected), shape
+        pred = rng.integers(0, 3, shape).astype(np.uint8)
+        truth = rng.integers(0, 3, shape).astype(np.uint8)
+        codes = truth.astype(np.int64) * 3 + pred
+        reference = np.bincount(codes.ravel(), minlength=9).reshape(3, 3)
+        assert np.array_equal(confusion(pred, truth), reference), shape
+    assert np.array_equal(_surface(np.ones((4, 4, 4), bool))[1:3, 1:3, 1:3], np.zeros((2, 2, 2)))

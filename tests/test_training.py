@@ -100,6 +100,33 @@ def test_augmentation_is_deterministic_and_keeps_image_and_label_aligned() -> No
     assert torch.equal(same[0], images) and torch.equal(same[1], labels)
 
 
+def test_tumour_stage_augmentation_keeps_the_liver_anchor(tmp_path: Path) -> None:
+    """Stage 2's input is HU relative to the liver's median: its intensity augmentation
+    scales around 0 and never shifts it, even when a config sets other augment keys."""
+    from liverpipe.settings import TumourAugmentConfig, load_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text("[tumour.augment]\nnoise_std = 0.0\nrotate_deg = 0.0\n")
+    settings = load_settings(config)
+    cfg = settings.tumour.augment
+    assert isinstance(cfg, TumourAugmentConfig) and cfg.noise_std == 0
+    assert cfg.intensity_shift == 0 and cfg.gamma == (1.0, 1.0)  # defaults survive the file
+    assert settings.train.augment.intensity_shift > 0  # the liver stage keeps its shift
+    images = torch.linspace(-1.5, 1.5, 64 * 64).reshape(1, 1, 64, 64).repeat(8, 3, 1, 1)
+    images[:, :, 20:40, 20:40] = 0.0  # liver-like: exactly the median
+    labels = torch.zeros(8, 64, 64, dtype=torch.long)
+    out, _ = augment_batch(
+        images,
+        labels,
+        cfg.model_copy(update={"scale": (1.0, 1.0), "flip_axes": ()}),
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(out[:, :, 20:40, 20:40], images[:, :, 20:40, 20:40])  # 0 stays 0
+    ratio = out[images != 0] / images[images != 0]
+    assert not torch.allclose(ratio, torch.ones_like(ratio))  # it did scale
+    assert float(ratio.min()) >= 0.9 - 1e-6 and float(ratio.max()) <= 1.1 + 1e-6
+
+
 def test_flips_mirror_image_and_label_together_on_the_configured_axes() -> None:
     """Left-right and front-back mirroring, each in about half the batch, on by default."""
     n = 400
@@ -404,3 +431,61 @@ def test_tumour_stage_trains_on_liver_roi_crops(tiny_store: Path, tmp_path: Path
     result = train(tiny_store, tmp_path / "tumour", load_settings(TINY), stage="tumour")
     record = json.loads((tmp_path / "tumour" / "config.json").read_text())
     assert record["stage"] == "tumour" and result.steps == load_settings(TINY).tumour.steps
+
+
+def test_job_slots_split_the_cores_and_leave_one_gpu_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from liverpipe.train import launch
+
+    monkeypatch.setattr(launch, "available_cpus", lambda: 12)
+    assert [s.name for s in launch.job_slots(["0", "1"], None, 6)] == ["GPU 0", "GPU 1"]
+    assert launch.job_slots(["0"], None, 6) == []  # one GPU: one job after another here
+    assert launch.job_slots([], 1, 6) == []  # one CPU job at a time: here, with a bar
+    slots = launch.job_slots([], None, 6)  # default: one per core, at most the jobs
+    assert len(slots) == 6 and slots[0].env["OMP_NUM_THREADS"] == "2"
+    assert slots[0].env["CUDA_VISIBLE_DEVICES"] == ""
+    three = launch.job_slots([], 3, 6)
+    assert [s.name for s in three] == [f"CPU slot {i} (4 threads)" for i in range(3)]
+    assert len(launch.job_slots([], 8, 2)) == 2  # never more slots than jobs
+
+
+def test_job_cost_starts_the_longest_jobs_first() -> None:
+    from liverpipe.settings import load_settings
+    from liverpipe.train import job_cost
+
+    cpu = load_settings(REPO / "configs" / "cpu.toml")
+    # The demo's tumour stage: 400 steps of 64^2 crops; its liver stage: 200 of 192^2 / 3^2.
+    assert job_cost(cpu, "tumour") == 400 * 16 * 64 * 64
+    assert job_cost(cpu, "liver") == 200 * 16 * 64 * 64
+    assert job_cost(cpu, "tumour") > job_cost(cpu, "liver")
+
+
+def test_train_all_on_the_cpu_runs_jobs_side_by_side_with_a_share_of_the_cores(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    from liverpipe._system import available_cpus
+    from liverpipe.settings import load_settings
+    from liverpipe.train import train_all
+
+    settings = load_settings(TINY, {"train": {"steps": 2}, "tumour": {"steps": 2}})
+    outcomes = train_all(
+        tiny_store, tmp_path, settings, gpus=[], cpu_jobs=2, models=("deeplabv3plus", "manet")
+    )
+    assert [o.job for o in outcomes] == [
+        "deeplabv3plus liver",
+        "deeplabv3plus tumour",
+        "manet liver",
+        "manet tumour",
+    ]
+    threads = max(1, available_cpus() // 2)
+    unit = "thread" if threads == 1 else "threads"
+    assert {o.device for o in outcomes} <= {f"CPU slot {i} ({threads} {unit})" for i in (0, 1)}
+    for outcome in outcomes:
+        assert outcome.result is not None and outcome.result.steps == 2, outcome.error
+        recorded = json.loads((outcome.run_dir / "config.json").read_text())
+        assert recorded["torch_threads"] == threads  # the child took its share, not all
+        section = "train" if outcome.stage == "liver" else "tumour"
+        assert recorded[section]["resident_budget_gb"] == settings.train.resident_budget_gb / 2
+        assert recorded["stage"] == outcome.stage
+        assert (outcome.run_dir / "train.log").is_file()  # a child process trained it

@@ -146,8 +146,23 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Boundary voxels: the mask minus its 6-connected erosion (MONAI's definition)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    """Boundary voxels: the mask minus its 6-connected erosion (MONAI's definition), with
+    outside the array as background (``binary_erosion(mask, border_value=0)``).
+
+    The erosion is the AND of the mask shifted by one voxel along each axis, on array
+    views: 3-4x faster than ``ndimage.binary_erosion`` on a liver's box, the same voxels.
+    """
+    mask = np.ascontiguousarray(mask)  # boxes are strided views: shifts need a copy
+    core = (slice(1, -1),) * mask.ndim
+    interior = mask[core].copy()
+    for axis, size in enumerate(mask.shape):
+        for start in (0, 2):
+            shifted = list(core)
+            shifted[axis] = slice(start, start + size - 2)
+            interior &= mask[tuple(shifted)]
+    inner = np.zeros_like(mask)
+    inner[core] = interior
+    return mask & ~inner
 
 
 def surface_distances(
@@ -293,7 +308,9 @@ def pooled_score(counts: Sequence[dict[str, tuple[int, int, int]]]) -> dict[str,
 def confusion(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """(3, 3) voxel counts, ``[true label, predicted label]``, of two label volumes."""
     codes = np.asarray(truth, dtype=np.uint8) * np.uint8(3) + np.asarray(pred, dtype=np.uint8)
-    return np.bincount(codes.ravel(), minlength=9)[:9].reshape(3, 3).astype(np.int64)
+    # Nine comparisons on uint8 beat bincount, which first widens every voxel to int64.
+    counts = [np.count_nonzero(codes == code) for code in range(9)]
+    return np.asarray(counts, dtype=np.int64).reshape(3, 3)
 
 
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:

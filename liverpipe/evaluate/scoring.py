@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from liverpipe._files import strict_json
+from liverpipe._system import available_cpus
 from liverpipe.evaluate.metrics import (
     CLASSES,
     LESION_RULE,
@@ -40,6 +42,7 @@ from liverpipe.infer import (
 )
 from liverpipe.io import read_header, read_voxels
 from liverpipe.models import CheckpointMismatchError, Run, find_models, load_cascade
+from liverpipe.settings import EvaluateConfig
 from storage import SPLITS, SliceStore
 
 __all__ = [
@@ -53,6 +56,9 @@ __all__ = [
 ]
 
 ENSEMBLE = "ensemble"
+#: Cases scored at a time by default (``[evaluate] workers = 0``): one per core, at most
+#: this many (each holds a scan, its softmax and label volumes in memory).
+_AUTO_WORKERS = 4
 #: Suffix of a model's stage-1-alone results.
 STAGE1 = "stage 1"
 
@@ -178,15 +184,19 @@ def evaluate(
     tta: bool = False,
     post: PostProcess | None = None,
     on_case: Callable[[str, str], None] | None = None,
-    empty_rule: EmptyRule = "lits",
-    max_train_cases: int = 0,
+    settings: EvaluateConfig | None = None,
 ) -> Evaluation:
     """Score every model under ``runs_dir`` (and their ensemble) on ``splits`` of the
     store: the cascade, and stage 1 alone beside it (``"<model> stage 1"``).
 
-    ``tta`` averages, per stage, the flips its runs trained with; ``empty_rule`` scores
-    classes absent from a case's ground truth (:func:`~liverpipe.evaluate.metrics.empty_rule_text`);
-    ``max_train_cases`` > 0 scores only the first that many train cases."""
+    ``tta`` averages, per stage, the flips its runs trained with. ``settings``
+    (``[evaluate]``): ``empty_rule`` scores classes absent from a case's ground truth
+    (:func:`~liverpipe.evaluate.metrics.empty_rule_text`), ``max_train_cases`` > 0 scores
+    only the first that many train cases, ``workers`` cases are scored at a time.
+    ``on_case(split, case_id)`` is called as each case's rows are added, in case order."""
+    settings = settings or EvaluateConfig()
+    empty_rule, max_train_cases = settings.empty_rule, settings.max_train_cases
+    workers = settings.workers or min(available_cpus(), _AUTO_WORKERS)
     device = device or torch.device("cpu")
     post = post or PostProcess()
     store = SliceStore.open(store_path)
@@ -219,54 +229,63 @@ def evaluate(
     # Stage 1 alone is scored where the report's headline looks: the first of test, val,
     # train that has cases (scoring on native grids costs seconds per case and row).
     headline = next((s for s in ("test", "val", "train") if chosen.get(s)), None)
-    for split, case_ids in chosen.items():
-        for case_id in case_ids:
+    jobs = [(split, case_id) for split, case_ids in chosen.items() for case_id in case_ids]
+
+    def one(job: tuple[str, str]) -> _Scored:
+        return _score_case(
+            store, members, first, job, with_stage1=job[0] == headline, empty_rule=empty_rule
+        )
+
+    # Cases are independent: threads overlap one case's single-threaded NumPy/SciPy
+    # metrics with another's inference (both release the GIL). Rows keep case order.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for job, scored in zip(jobs, pool.map(one, jobs), strict=True):
+            if scored.skipped:
+                result.skipped[job[1]] = scored.skipped
+            result.cases.extend(scored.rows)
+            if scored.overlay is not None:
+                result.overlays[job] = scored.overlay
             if on_case:
-                on_case(split, case_id)
-            meta = store.case(case_id).meta
-            if (
-                meta.source_label is None
-                or not Path(meta.source_label).is_file()
-                or not Path(meta.source_image).is_file()
-            ):
-                result.skipped[case_id] = (
-                    "its source scan or label file is no longer where the store recorded it"
-                )
-                continue
-            scan = prepare_scan(
-                Path(meta.source_image), first.preprocess, first.zscore, keep_source=True
-            )
-            stored_label = store.case(case_id).load()[1]
-            truth = np.asarray(read_voxels(read_header(Path(meta.source_label)))).astype(np.uint8)
-            predictions = _score_case(
-                result,
-                members,
-                scan,
-                truth,
-                stored_label,
-                (split, case_id),
-                with_stage1=split == headline,
-            )
-            result.overlays[(split, case_id)] = _axial_overlay(scan, truth, predictions)
+                on_case(*job)
     return result
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """One case's rows, its overlay material, or why it was skipped."""
+
+    rows: list[CaseScore]
+    overlay: dict[str, np.ndarray] | None
+    skipped: str | None = None
+
+
 def _score_case(
-    result: Evaluation,
+    store: SliceStore,
     members: dict[str, Predictor],
-    scan: PreparedScan,
-    truth: np.ndarray,
-    stored_label: np.ndarray,
+    first: Run,
     where: tuple[str, str],
     *,
     with_stage1: bool,
-) -> dict[str, np.ndarray]:
-    """Every member's cascade (and stage 1 alone, ``with_stage1``) on one case; rows into
-    ``result``; the cascades' native labels (for the overlays). Ensembles reuse their
-    members' stage-1 softmax."""
+    empty_rule: EmptyRule,
+) -> _Scored:
+    """Every member's cascade (and stage 1 alone, ``with_stage1``) on one case, scored on
+    its native grid. Ensembles reuse their members' stage-1 softmax."""
+    split, case_id = where
+    meta = store.case(case_id).meta
+    if (
+        meta.source_label is None
+        or not Path(meta.source_label).is_file()
+        or not Path(meta.source_image).is_file()
+    ):
+        reason = "its source scan or label file is no longer where the store recorded it"
+        return _Scored([], None, reason)
+    scan = prepare_scan(Path(meta.source_image), first.preprocess, first.zscore, keep_source=True)
+    stored_label = store.case(case_id).load()[1]
+    truth = np.asarray(read_voxels(read_header(Path(meta.source_label)))).astype(np.uint8)
     window = (slice(None), slice(None), scan.window[0], scan.window[1])
     liver_probs: dict[str, np.ndarray] = {}
     predictions = {}
+    rows = []
     for name, predictor in members.items():
         liver_models, tumour_models = predictor.stages()
         if name == ENSEMBLE:
@@ -280,16 +299,16 @@ def _score_case(
             labels = predictor.native(p, scan, cascade=label == name)
             if label == name:
                 predictions[name] = labels
-            result.cases.append(
+            rows.append(
                 CaseScore(
-                    case_id=where[1],
-                    split=where[0],
+                    case_id=case_id,
+                    split=split,
                     model=label,
                     loss=_loss(p[window], stored_label),
-                    metrics=case_metrics(labels, truth, scan.info.spacing, result.empty_rule),
+                    metrics=case_metrics(labels, truth, scan.info.spacing, empty_rule),
                 )
             )
-    return predictions
+    return _Scored(rows, _axial_overlay(scan, truth, predictions))
 
 
 def _selection(run: Run) -> str:

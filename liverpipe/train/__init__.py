@@ -8,7 +8,10 @@ from __future__ import annotations
 from liverpipe.train.augment import augment_batch
 from liverpipe.train.launch import (
     STAGES,
+    JobSlot,
     ModelOutcome,
+    job_cost,
+    job_slots,
     parse_gpus,
     read_result,
     start_run,
@@ -38,6 +41,7 @@ from liverpipe.train.stages import (
 __all__ = [
     "STAGES",
     "THRESHOLDS",
+    "JobSlot",
     "ModelOutcome",
     "ResidentSource",
     "RoiSource",
@@ -48,6 +52,8 @@ __all__ = [
     "TrainResult",
     "augment_batch",
     "decode_scale",
+    "job_cost",
+    "job_slots",
     "lr_factor",
     "make_source",
     "parse_gpus",

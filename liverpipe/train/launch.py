@@ -1,13 +1,26 @@
-"""Train both stages of the three architectures: here one after another, or one per GPU.
+"""Train both stages of the three architectures: side by side in child processes, or here.
 
 :func:`start_run` makes a new versioned run ``RUNS/<run_id>`` (``run.json`` records the
 store, its config hash and the exact cases; nothing is overwritten). In it each
-architecture gets ``<model>/liver`` (stage 1) and ``<model>/tumour`` (stage 2); the stages train independently (stage 2 reads the ground-truth liver's ROI),
-so the six jobs can run in any order. With several GPUs each job runs in its own
-``python -m liverpipe.train`` process pinned to one device (``CUDA_VISIBLE_DEVICES``), at
-most one job per GPU at a time; the resolved settings travel as JSON, so a child trains
-with exactly the parent's config. A job that fails does not stop the others; its error
-(and log file) is reported.
+architecture gets ``<model>/liver`` (stage 1) and ``<model>/tumour`` (stage 2); the
+stages train independently (stage 2 reads the ground-truth liver's ROI), so the six jobs
+can run in any order and at the same time.
+
+Where the jobs run (:func:`job_slots`):
+
+- several GPUs: one ``python -m liverpipe.train`` process per job, pinned to one device
+  (``CUDA_VISIBLE_DEVICES``), at most one job per GPU at a time;
+- no GPU: the same child processes, ``cpu_jobs`` at a time (default one per core, at
+  most the number of jobs), each with its share of the cores as torch threads. Small
+  2D networks use many threads poorly: on the 2-core development machine a training
+  step on one thread each runs 1.2-1.35x the images per second of one job on both
+  cores, though whole jobs gain less (docs/benchmarks.md);
+- one GPU, or ``cpu_jobs=1``: one job after another in this process.
+
+Jobs start longest first (steps x batch x input pixels), so the last to finish is a short
+one. The resolved settings travel to a child as JSON, so it trains with exactly the
+parent's config. A job that fails does not stop the others; its error (and log file) is
+reported.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from liverpipe._system import available_cpus
 from liverpipe.models import MODELS
 from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
 from liverpipe.settings import Settings, Stage
@@ -32,7 +46,10 @@ from storage import SliceStore
 
 __all__ = [
     "STAGES",
+    "JobSlot",
     "ModelOutcome",
+    "job_cost",
+    "job_slots",
     "parse_gpus",
     "read_result",
     "start_run",
@@ -58,6 +75,37 @@ class ModelOutcome:
     @property
     def job(self) -> str:
         return f"{self.model} {self.stage}"
+
+
+@dataclass(frozen=True)
+class JobSlot:
+    """Where a child training process runs: its name and the environment that pins it."""
+
+    name: str
+    env: dict[str, str]
+
+
+def job_slots(gpus: Sequence[str], cpu_jobs: int | None, jobs: int) -> list[JobSlot]:
+    """The slots training jobs run in side by side; empty: one after another here.
+
+    Two or more ``gpus``: one slot per GPU. No GPU: ``cpu_jobs`` slots (default one per
+    available core, at most ``jobs``), each with ``cores // slots`` torch threads; one
+    slot (or one GPU) trains here instead.
+    """
+    if len(gpus) > 1:
+        return [JobSlot(f"GPU {g}", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
+    if gpus:
+        return []
+    cores = available_cpus()
+    count = min(jobs, cores) if cpu_jobs is None else min(jobs, cpu_jobs)
+    if count <= 1:
+        return []
+    threads = max(1, cores // count)
+    env = {"CUDA_VISIBLE_DEVICES": ""} | {
+        var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    }
+    unit = "thread" if threads == 1 else "threads"
+    return [JobSlot(f"CPU slot {i} ({threads} {unit})", env) for i in range(count)]
 
 
 def visible_gpus() -> list[str]:
@@ -117,13 +165,14 @@ def train_all(
     *,
     resume: bool = False,
     gpus: Sequence[str] | None = None,
+    cpu_jobs: int | None = None,
     models: Sequence[str] = tuple(MODELS),
     on_done: Callable[[ModelOutcome], None] | None = None,
     on_start: Callable[[str], Callable[[int, float], None]] | None = None,
-    stages: Sequence[Stage] = STAGES,
 ) -> list[ModelOutcome]:
-    """Train each model's stages into ``runs_dir/<model>/<stage>/``; in parallel when
-    ``gpus`` has 2 or more.
+    """Train each model's stages into ``runs_dir/<model>/<stage>/``, side by side in the
+    slots of :func:`job_slots` (several GPUs; on a machine without one, ``cpu_jobs``
+    processes), else one after another here.
 
     ``gpus`` defaults to every visible CUDA device. Outcomes come back in (model, stage)
     order. ``on_start("<model> <stage>")`` may return a per-step callback (``on_step``)
@@ -134,8 +183,11 @@ def train_all(
     record = runs_dir / RUN_RECORD
     cases = RunRecord.read(runs_dir).cases if record.is_file() else None
     per_model = {m: _for_model(settings, m) for m in models}
-    jobs = [(m, stage) for m in models for stage in stages]
-    if len(gpus) <= 1:
+    jobs = [(m, stage) for m in models for stage in STAGES]
+    slots = job_slots(gpus, cpu_jobs, len(jobs))
+    if slots and not gpus:  # CPU jobs side by side share the machine's memory too
+        per_model = {m: _share_memory(s, len(slots)) for m, s in per_model.items()}
+    if not slots:
         outcomes = []
         for name, stage in jobs:
             on_step = on_start(f"{name} {stage}") if on_start else None
@@ -152,31 +204,52 @@ def train_all(
                 on_done(outcome)
             outcomes.append(outcome)
         return outcomes
-    free: queue.Queue[str] = queue.Queue()
-    for gpu in gpus:
-        free.put(gpu)
+    free: queue.Queue[JobSlot] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
 
     def one(job: tuple[str, Stage]) -> ModelOutcome:
         name, stage = job
-        gpu = free.get()
+        slot = free.get()
         try:
             outcome = _train_child(
                 store_path,
                 runs_dir / name / stage,
                 per_model[name],
                 resume,
-                gpu,
+                slot,
                 stage,
                 record=record,
             )
         finally:
-            free.put(gpu)
+            free.put(slot)
         if on_done:
             on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
-        return list(pool.map(one, jobs))
+    longest_first = sorted(jobs, key=lambda j: -job_cost(per_model[j[0]], j[1]))
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        done = dict(zip(longest_first, pool.map(one, longest_first), strict=True))
+    return [done[job] for job in jobs]
+
+
+def job_cost(settings: Settings, stage: Stage) -> float:
+    """A job's rough size for ordering: steps x batch x input pixels of a sample (the
+    liver stage's slices after ``downsample``, the tumour stage's crops)."""
+    cfg = settings.stage(stage)
+    height, width = cfg.crop_size if stage == "tumour" else settings.preprocess.slice_size
+    scale = 1 if stage == "tumour" else cfg.downsample**2
+    return cfg.steps * cfg.batch_size * height * width / scale
+
+
+def _share_memory(settings: Settings, jobs: int) -> Settings:
+    """The settings with the resident budget of each stage split between ``jobs``."""
+    return settings.model_copy(
+        update={
+            stage: cfg.model_copy(update={"resident_budget_gb": cfg.resident_budget_gb / jobs})
+            for stage, cfg in (("train", settings.train), ("tumour", settings.tumour))
+        }
+    )
 
 
 def _for_model(settings: Settings, model: str) -> Settings:
@@ -214,7 +287,7 @@ def _train_child(
     run_dir: Path,
     settings: Settings,
     resume: bool,
-    gpu: str,
+    slot: JobSlot,
     stage: Stage,
     *,
     record: Path,
@@ -242,13 +315,13 @@ def _train_child(
         cmd.append("--resume")
     if record.is_file():
         cmd += ["--run-record", str(record)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    env = {**os.environ, **slot.env}
     log = folder.log
     with log.open("a") as fh:
         code = subprocess.run(
             cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False
         ).returncode
-    device = f"GPU {gpu}"
+    device = slot.name
     if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(empty log)"]
         return ModelOutcome(

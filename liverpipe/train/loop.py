@@ -320,6 +320,7 @@ def train(
             "store_config_hash": identity["store_config_hash"],
             "store_config": store.meta.config,  # how to preprocess a new scan for this model
             "world_size": dist.world,
+            "torch_threads": torch.get_num_threads(),  # its share of the cores (train-all slots)
             "stage": stage,
             "steps": cfg.steps,
         }

@@ -125,6 +125,7 @@ def liver_median(image: np.ndarray, liver: np.ndarray) -> float:
     return float(np.median(values))
 
 
-def relative(image: np.ndarray, median: float, gain: float) -> np.ndarray:
-    """Stage 2's input: ``(image - median) * gain`` in float32."""
-    return (np.asarray(image, dtype=np.float32) - np.float32(median)) * np.float32(gain)
+def relative(image: np.ndarray, median: float, gain: float, clip: bool = False) -> np.ndarray:
+    """Stage 2's input: ``(image - median) * gain`` in float32; ``clip``: within [-1, 1]."""
+    out = (np.asarray(image, dtype=np.float32) - np.float32(median)) * np.float32(gain)
+    return np.clip(out, -1.0, 1.0, out=out) if clip else out

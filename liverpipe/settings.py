@@ -249,10 +249,17 @@ class TrainConfig(_Frozen):
         "training crops look like the ROIs an imperfect stage 1 gives.",
     )
     relative_window_hu: float = Field(
-        150.0,
+        75.0,
         gt=0,
         description="Tumour stage: input is (HU - liver median HU) / this, so tumours keep "
         "their contrast to the liver whatever its enhancement.",
+    )
+    relative_clip: bool = Field(
+        True,
+        description="Tumour stage: clip that input to [-1, 1], a window of +/- "
+        "relative_window_hu around the liver's median (a narrow liver window): the "
+        "network's input range goes to the HU where lesions differ from liver; air, fat "
+        "and bone saturate. Runs trained before this setting existed read unclipped.",
     )
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-4, gt=0)

@@ -118,6 +118,39 @@ def test_a_scan_without_liver_gives_an_empty_mask_and_a_warning(
     assert json.loads((tmp_path / "mask.json").read_text())["warnings"] == record["warnings"]
 
 
+class Recorder(torch.nn.Module):
+    """A "model" that keeps every input it is given and has no opinion (zero logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_the_tumour_stage_reads_the_liver_relative_window(clip: bool) -> None:
+    """Stage 2 reads (value - liver median) * gain; with clip, within [-1, 1]: a bone far
+    above the window saturates at 1, the liver reads 0 and a tumour keeps its contrast."""
+    image = np.full((8, 64, 64), 0.1, np.float32)  # normalised units, background
+    label = np.zeros(image.shape, np.uint8)
+    label[2:6, 16:48, 16:48] = Label.LIVER
+    image[label == Label.LIVER] = 0.5
+    image[3:5, 30:34, 30:34], label[3:5, 30:34, 30:34] = 0.45, Label.TUMOUR
+    image[3:5, 20:24, 40:44] = 3.0  # bone-bright, inside the liver's box
+    liver_probs = np.eye(3, dtype=np.float32)[np.minimum(label, 1)].transpose(3, 0, 1, 2)
+    recorder = Recorder()
+    stage = StageModels([recorder], 3, margin_mm=0.0, gain=4.0, clip=clip)
+    tumour_stage(liver_probs, image, (1.0, 1.0, 1.0), stage, torch.device("cpu"))
+    seen = torch.cat(recorder.seen)
+    assert float(seen.max()) == pytest.approx(1.0 if clip else 10.0)
+    assert float(seen.min()) >= -1.6 - 1e-6  # background: (0.1 - 0.5) * 4
+    assert bool(torch.isclose(seen, torch.tensor(-0.2)).any())  # tumour: (0.45 - 0.5) * 4
+    assert (seen == 0).any()  # the liver's median is 0
+
+
 def test_roi_boxes_grow_fit_and_crop() -> None:
     box = Box(2, 5, 10, 20, 30, 33)
     assert grow(box, (1, 2, 3)) == Box(1, 6, 8, 22, 27, 36)

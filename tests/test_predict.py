@@ -317,6 +317,26 @@ def test_mismatched_stage_pairs_are_refused(tiny_runs: Path, tmp_path: Path) -> 
         Predictor([liver_only, load_cascade(tiny_runs / "manet")])
 
 
+def test_runs_from_before_relative_clip_read_their_input_unclipped(
+    tiny_runs: Path, tmp_path: Path
+) -> None:
+    """A tumour run whose config.json predates ``relative_clip`` keeps reading unclipped
+    input (as it was trained); runs that record it read as they say."""
+    assert load_run(tiny_runs / "manet" / "tumour").train.relative_clip
+    old = tmp_path / "old"
+    copy_runs(tiny_runs / "manet", old)
+    config = old / "tumour" / "config.json"
+    record = json.loads(config.read_text())
+    del record["tumour"]["relative_clip"]
+    config.write_text(json.dumps(record))
+    cascade = load_cascade(old)
+    assert cascade.tumour is not None and not cascade.tumour.train.relative_clip
+    _, tumour = Predictor([cascade]).stages()
+    assert tumour is not None and not tumour.clip
+    with pytest.raises(LiverpipeError, match="relative_clip"):
+        Predictor([cascade, load_cascade(tiny_runs / "unetplusplus")])
+
+
 def test_measurements_of_known_lesions() -> None:
     labels = np.zeros((40, 40, 20), np.uint8)  # (i, j, k) = (x, y, z), RAS
     labels[5:35, 5:35, 2:18] = 1

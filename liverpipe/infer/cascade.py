@@ -53,6 +53,7 @@ class StageModels:
     downsample: int = 1  # liver stage
     margin_mm: float = 0.0  # tumour stage: ROI margin
     gain: float = 1.0  # tumour stage: stored units -> liver-relative units
+    clip: bool = False  # tumour stage: liver-relative input clipped to [-1, 1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +114,7 @@ def tumour_stage(
     half = stage.context // 2
     read = Box(max(roi.z0 - half, 0), min(roi.z1 + half, image.shape[0]), *_in_plane(window))
     patch = crop(image, read, float(image.min()))
-    inputs = relative(patch, liver_median(image, liver), stage.gain)
+    inputs = relative(patch, liver_median(image, liver), stage.gain, stage.clip)
     probs = predict_probabilities(stage.models, inputs, stage.context, device, flips=stage.flips)
     final = liver_probs.copy()
     final[(slice(None), *roi.slices)] = probs[

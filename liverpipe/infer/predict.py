@@ -149,6 +149,7 @@ class Predictor:
             self._flips("tumour"),
             margin_mm=tumours[0].train.roi_margin_mm,
             gain=tumours[0].gain,
+            clip=tumours[0].train.relative_clip,
         )
         return liver, tumour
 
@@ -204,7 +205,13 @@ def _check_ensemble(runs: Sequence[Run], stage: str) -> None:
                 f"{first.run_dir} ({first.store_config_hash}), so they cannot be ensembled",
                 "ensemble only runs trained on the same store",
             )
-        keys = ("context_slices", "downsample", "roi_margin_mm", "relative_window_hu")
+        keys = (
+            "context_slices",
+            "downsample",
+            "roi_margin_mm",
+            "relative_window_hu",
+            "relative_clip",
+        )
         differ = [k for k in keys if getattr(run.train, k) != getattr(first.train, k)]
         if differ:
             raise LiverpipeError(

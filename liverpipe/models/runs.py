@@ -86,7 +86,9 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         )
     stage = record.get("stage", "liver")
     section = TrainConfig if stage == "liver" else TumourConfig
-    train_cfg = section.model_validate(record["train" if stage == "liver" else "tumour"])
+    saved = record["train" if stage == "liver" else "tumour"]
+    # Runs from before relative_clip existed read the tumour stage's input unclipped.
+    train_cfg = section.model_validate({"relative_clip": False, **saved})
     store_config = record.get("store_config") or {}
     if "preprocess" not in store_config:
         raise LiverpipeError(

@@ -351,7 +351,7 @@ def _roi_case(
     decoded = image[region.slices].astype(np.float32) * t.stored_scale + t.stored_offset
     labels = label[region.slices]
     median = liver_median(decoded, labels > 0)
-    rel = relative(decoded, median, t.hu_scale / cfg.relative_window_hu)
+    rel = relative(decoded, median, t.hu_scale / cfg.relative_window_hu, cfg.relative_clip)
     tumour_yx = [np.argwhere(label[z] == Label.TUMOUR) for z in range(roi.z0, roi.z1)]
     return _RoiCase(
         torch.from_numpy(rel).to(device),

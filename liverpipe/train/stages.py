@@ -157,6 +157,7 @@ def _oracle_roi(
         cfg.context_slices,
         margin_mm=cfg.roi_margin_mm,
         gain=meta.intensity.hu_scale / cfg.relative_window_hu,
+        clip=cfg.relative_clip,
     )
     result = tumour_stage(oracle, decoded, meta.spacing, stage, device)
     assert result.roi is not None

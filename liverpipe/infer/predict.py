@@ -186,12 +186,18 @@ class Predictor:
         return float(np.mean(values)) if values and len(values) == len(found) else None
 
     def native(self, probs: np.ndarray, scan: PreparedScan, cascade: bool = True) -> np.ndarray:
-        """Model-grid softmax -> post-processed uint8 labels in the file's (i, j, k) order;
-        ``cascade``: with the tumour stage's tuned threshold (stage 1 alone: argmax)."""
+        """Model-grid softmax -> post-processed uint8 labels in the file's (i, j, k) order,
+        resampled back as the store resampled labels in; ``cascade``: with the tumour
+        stage's tuned threshold (stage 1 alone: argmax)."""
         labels = decide(probs, self.tumour_threshold if cascade else None)
         post = self.post
         return native_labels(
-            labels, scan, post.largest_liver, post.tumour_in_liver, post.min_lesion_mm3
+            labels,
+            scan,
+            post.largest_liver,
+            post.tumour_in_liver,
+            post.min_lesion_mm3,
+            self.cascades[0].liver.preprocess.label_interpolation,
         )
 
 

@@ -1,9 +1,11 @@
 """Prediction kernels: preprocess a scan as its store did, predict, map back, clean up.
 
 The forward path is the store's own (:func:`liverpipe.preprocess.forward.forward_case`), so a model
-sees exactly what it was trained on. The way back resamples labels (nearest neighbour)
-from the model grid onto the scan's canonical grid, then undoes the reorientation
-exactly: the mask has the scan's shape and overlays it voxel for voxel.
+sees exactly what it was trained on. The way back resamples labels from the model grid
+onto the scan's canonical grid the way the store resampled them on the way in (one-hot
+linear by default, so borders follow the tissue instead of the model grid's blocks),
+then undoes the reorientation exactly: the mask has the scan's shape and overlays it
+voxel for voxel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from liverpipe.geometry import CanonicalGeometry, from_canonical
 from liverpipe.io import NiftiInfo
 from liverpipe.labels import FLIP_DIMS, NUM_CLASSES, Label
-from liverpipe.preprocess import FovReport, Grid, ZScoreStats, forward_case, resample_to_grid
+from liverpipe.preprocess import FovReport, Grid, ZScoreStats, forward_case, resample_label
+from liverpipe.roi import bounding_box
 from liverpipe.settings import STRIDE, CheckConfig, PreprocessConfig
 from storage import window_indices
 
@@ -166,8 +169,10 @@ def predict_probabilities(
             probs = torch.zeros((), device=device)
             for dims in flips:
                 x = stacks.flip(dims) if dims else stacks
+                # channels_last, as the trainer runs: 1.25x faster on the CPU here
+                x_in = pool(x, downsample).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(pool(x, downsample)).float()
+                    logits = model(x_in).float()
                 p = unpool(logits.softmax(1), downsample, (x.shape[2], x.shape[3]))
                 probs = probs + (p.flip(dims) if dims else p)
             chunk = (probs / len(flips)).permute(1, 0, 2, 3).cpu().numpy()
@@ -178,8 +183,16 @@ def predict_probabilities(
     return total / len(models)
 
 
-def to_native(stored_labels: np.ndarray, scan: PreparedScan) -> np.ndarray:
-    """Labels on the stored grid -> the scan's canonical (Z, Y, X) grid, nearest neighbour.
+def to_native(
+    stored_labels: np.ndarray, scan: PreparedScan, interpolation: str = "label_linear"
+) -> np.ndarray:
+    """Labels on the stored grid -> the scan's canonical (Z, Y, X) grid.
+
+    ``interpolation`` is the store's ``label_interpolation``: "label_linear" interpolates
+    the nested masks liver and tumour linearly and keeps each where it reaches one half
+    (:func:`~liverpipe.preprocess.resample_label`), so a 2 mm prediction comes back to a
+    0.7 mm scan with smooth borders, not in 2 mm steps; "nearest" is nearest neighbour.
+    On the same grid both give the labels back unchanged.
 
     Outside the stored in-plane crop the labels are background. In z the stored grid has
     ``round(extent / spacing)`` slices, so the scan's first and last slices can sit up to
@@ -193,15 +206,18 @@ def to_native(stored_labels: np.ndarray, scan: PreparedScan) -> np.ndarray:
     )
     shift = np.eye(4)
     shift[2, 3] = -1.0  # padded slice 0 is stored slice -1
-    return resample_to_grid(padded, scan.grid.affine @ shift, target, "nearest", 0)
+    return resample_label(padded, scan.grid.affine @ shift, target, interpolation)
 
 
 def keep_largest_liver(labels: np.ndarray) -> np.ndarray:
-    """Keep only the largest 26-connected component of liver (labels 1 and 2)."""
-    liver = np.ascontiguousarray(labels >= Label.LIVER)
-    if not liver.any():
+    """Keep only the largest 26-connected component of liver (labels 1 and 2), found
+    within the liver's bounding box (a native grid has many times more voxels)."""
+    liver = labels >= Label.LIVER
+    box = bounding_box(liver)
+    if box is None:
         return labels
-    keep = cc3d.largest_k(liver, k=1, connectivity=26) > 0
+    keep = np.zeros_like(liver)
+    keep[box] = cc3d.largest_k(np.ascontiguousarray(liver[box]), k=1, connectivity=26) > 0
     return np.where(keep, labels, np.uint8(0)).astype(np.uint8)
 
 
@@ -235,12 +251,16 @@ def native_labels(
     largest_liver: bool,
     tumour_in_liver: bool,
     min_lesion_mm3: float = 0.0,
+    interpolation: str = "label_linear",
 ) -> np.ndarray:
-    """Model-grid labels -> post-processed labels in the file's (i, j, k) order.
+    """Model-grid labels -> post-processed labels in the file's (i, j, k) order
+    (``interpolation``: see :func:`to_native`).
 
     Post-processing runs on the model grid, before the labels go back to the scan's grid
     (many times fewer voxels than a sub-millimetre scan): the largest liver component,
-    tumour only where it touches liver, and no lesion under ``min_lesion_mm3``.
+    tumour only where it touches liver, and no lesion under ``min_lesion_mm3``. The
+    linear way back can part a bridge one model voxel thin, so the largest liver
+    component is kept once more on the scan's grid.
     """
     labels = np.asarray(model_labels, dtype=np.uint8)
     if largest_liver:
@@ -249,4 +269,7 @@ def native_labels(
         labels = tumour_inside_liver(labels)
     voxel_mm3 = float(np.prod(scan.grid.spacing))
     labels = drop_small_lesions(labels, voxel_mm3, min_lesion_mm3)
-    return from_canonical(to_native(labels, scan), scan.geometry)
+    native = to_native(labels, scan, interpolation)
+    if largest_liver and interpolation != "nearest":
+        native = keep_largest_liver(native)
+    return from_canonical(native, scan.geometry)

@@ -111,7 +111,8 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         )
     model = model_for(train_cfg)
     model.load_state_dict(state["model"])
-    model.to(device or torch.device("cpu")).eval()
+    # channels_last, as it trained (faster convolutions on the CPU and on CUDA)
+    model.to(device or torch.device("cpu")).to(memory_format=torch.channels_last).eval()
     zscore = store_config.get("zscore")
     result = RunResult.read(folder) if folder.result.is_file() else None
     return Run(

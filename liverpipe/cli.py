@@ -16,7 +16,7 @@ from rich.table import Table
 
 from liverpipe.cli_models import models_app
 from liverpipe.errors import FixableError
-from liverpipe.settings import Settings, load_settings
+from liverpipe.settings import TUMOUR_SEED, Settings, load_settings
 
 __all__ = ["ConfigOpt", "app", "main"]
 
@@ -491,6 +491,15 @@ def predict_cmd(
         float,
         typer.Option(min=0, help="Tumour components smaller than this (mm³) become liver."),
     ] = 0.0,
+    tumour_seed: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Tumour components whose tumour probability never reaches this become "
+            "liver (confident lesions are kept whole); 0 turns it off.",
+        ),
+    ] = TUMOUR_SEED,
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
     seg: Annotated[
         bool,
@@ -513,7 +522,7 @@ def predict_cmd(
     dev = pick_device(device)
     folders = expand_models(model) if model else champion_models(runs)
     cascades = [load_cascade(m, dev) for m in folders]
-    post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3)
+    post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3, tumour_seed)
     predictor = Predictor(cascades, dev, tta, post)
 
     def report(scan: Path, outcome: object) -> None:

@@ -22,6 +22,7 @@ from liverpipe.errors import ConfigError
 __all__ = [
     "MIN_SLICE_SIZE",
     "STRIDE",
+    "TUMOUR_SEED",
     "AugmentConfig",
     "CheckConfig",
     "EvaluateConfig",
@@ -187,6 +188,9 @@ class TumourAugmentConfig(AugmentConfig):
 STRIDE = 32
 #: The smallest stored slice side.
 MIN_SLICE_SIZE = 8
+#: Prediction's default lesion hysteresis: a predicted tumour component is kept only where
+#: its tumour probability reaches this somewhere (``PostProcess.tumour_seed``).
+TUMOUR_SEED = 0.99
 
 Stage = Literal["liver", "tumour"]
 

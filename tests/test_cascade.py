@@ -13,8 +13,10 @@ import torch
 from conftest import REPO, write_nifti
 
 from liverpipe.infer import (
+    PostProcess,
     Predictor,
     StageModels,
+    keep_seeded_lesions,
     liver_stage,
     native_labels,
     predict_file,
@@ -24,7 +26,7 @@ from liverpipe.infer import (
 from liverpipe.labels import Label
 from liverpipe.models import load_cascade
 from liverpipe.roi import Box, crop, fit_to_multiple, grow, liver_box, margin_voxels
-from liverpipe.settings import PreprocessConfig
+from liverpipe.settings import TUMOUR_SEED, PreprocessConfig
 
 #: HU of each label in the oracle scans: the image encodes its own label.
 HU = {Label.BACKGROUND: -100.0, Label.LIVER: 60.0, Label.TUMOUR: 20.0}
@@ -149,6 +151,40 @@ def test_the_tumour_stage_reads_the_liver_relative_window(clip: bool) -> None:
     assert float(seen.min()) >= -1.6 - 1e-6  # background: (0.1 - 0.5) * 4
     assert bool(torch.isclose(seen, torch.tensor(-0.2)).any())  # tumour: (0.45 - 0.5) * 4
     assert (seen == 0).any()  # the liver's median is 0
+
+
+def test_lesions_are_kept_whole_from_a_confident_core_and_faint_blobs_dropped() -> None:
+    """Hysteresis: a lesion whose core reaches the seed keeps its whole extent down to the
+    tumour threshold; a blob that never reaches it becomes liver; liver is untouched."""
+    labels = np.ones((12, 40, 40), dtype=np.uint8)
+    labels[:, :, 35:] = 0  # background
+    probs = np.zeros(labels.shape, dtype=np.float32)
+    labels[3:9, 5:15, 5:15] = Label.TUMOUR  # a lesion: border 0.6, core 0.99
+    probs[3:9, 5:15, 5:15] = 0.6
+    probs[5:7, 9:11, 9:11] = 0.99
+    labels[4:7, 25:30, 20:25] = Label.TUMOUR  # a faint blob: 0.9 at most
+    probs[4:7, 25:30, 20:25] = 0.9
+    labels[10, 30, 30] = Label.TUMOUR  # one confident voxel on its own
+    probs[10, 30, 30] = 0.985
+    out = keep_seeded_lesions(labels, probs, 0.98)
+    assert (out[3:9, 5:15, 5:15] == Label.TUMOUR).all()
+    assert (out[4:7, 25:30, 20:25] == Label.LIVER).all()
+    assert out[10, 30, 30] == Label.TUMOUR
+    assert ((out > 0) == (labels > 0)).all()  # only tumour turns into liver
+    assert np.array_equal(keep_seeded_lesions(labels, probs, 0.5), labels)  # under the
+    # tumour threshold every lesion is seeded
+    assert np.array_equal(keep_seeded_lesions(out, probs, 0.98), out)
+
+
+def test_the_lesion_seed_only_turns_tumour_into_liver(tiny_runs: Path, phantom_dir: Path) -> None:
+    """Predictor's default seed against none, on a real prediction of the tiny runs."""
+    scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    cascade = load_cascade(tiny_runs / "manet")
+    seeded, _ = Predictor([cascade]).labels(scan)
+    plain, _ = Predictor([cascade], post=PostProcess(tumour_seed=0)).labels(scan)
+    assert PostProcess().tumour_seed == TUMOUR_SEED > 0.9
+    assert ((seeded > 0) == (plain > 0)).all()
+    assert not ((seeded == Label.TUMOUR) & (plain != Label.TUMOUR)).any()
 
 
 def test_roi_boxes_grow_fit_and_crop() -> None:

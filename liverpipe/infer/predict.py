@@ -24,7 +24,13 @@ import torch
 from liverpipe.errors import LiverpipeError
 from liverpipe.infer.cascade import StageModels, decide, liver_stage, tumour_stage
 from liverpipe.infer.measure import measure
-from liverpipe.infer.volume import PreparedScan, native_labels, prepare_scan, tta_flips
+from liverpipe.infer.volume import (
+    PreparedScan,
+    keep_seeded_lesions,
+    native_labels,
+    prepare_scan,
+    tta_flips,
+)
 from liverpipe.io import (
     DicomSeries,
     NiftiInfo,
@@ -35,7 +41,9 @@ from liverpipe.io import (
     write_nifti,
     write_seg,
 )
+from liverpipe.labels import Label
 from liverpipe.models import Cascade, Run
+from liverpipe.settings import TUMOUR_SEED
 
 __all__ = [
     "PostProcess",
@@ -55,6 +63,9 @@ class PostProcess:
     largest_liver: bool = True
     tumour_in_liver: bool = True
     min_lesion_mm3: float = 0.0  # tumour components smaller than this become liver
+    #: Tumour components whose tumour probability never reaches this become liver
+    #: (hysteresis: confident lesions kept whole, faint blobs dropped); 0 turns it off.
+    tumour_seed: float = TUMOUR_SEED
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,6 +202,8 @@ class Predictor:
         stage's tuned threshold (stage 1 alone: argmax)."""
         labels = decide(probs, self.tumour_threshold if cascade else None)
         post = self.post
+        if post.tumour_seed > 0:
+            labels = keep_seeded_lesions(labels, probs[Label.TUMOUR], post.tumour_seed)
         return native_labels(
             labels,
             scan,

@@ -30,6 +30,7 @@ __all__ = [
     "PreparedScan",
     "drop_small_lesions",
     "keep_largest_liver",
+    "keep_seeded_lesions",
     "native_labels",
     "pool",
     "pool_labels",
@@ -229,6 +230,24 @@ def tumour_inside_liver(labels: np.ndarray) -> np.ndarray:
     orphan = (labels == Label.TUMOUR) & ~np.isin(components, with_liver)
     out = labels.copy()
     out[orphan] = 0
+    return out
+
+
+def keep_seeded_lesions(labels: np.ndarray, tumour_probs: np.ndarray, seed: float) -> np.ndarray:
+    """Hysteresis on lesions: turn tumour components (26-connected) whose tumour
+    probability never reaches ``seed`` into liver.
+
+    A lesion with a confident core is kept whole, down to the tumour threshold at its
+    border, while faint blobs that never reach ``seed`` (most false alarms) go. A
+    ``seed`` at or below the tumour threshold keeps everything.
+    """
+    tumour = np.ascontiguousarray(labels == Label.TUMOUR)
+    if not tumour.any():
+        return labels
+    components = cc3d.connected_components(tumour, connectivity=26)
+    seeded = np.unique(components[tumour & (tumour_probs >= seed)])
+    out = labels.copy()
+    out[tumour & ~np.isin(components, seeded)] = Label.LIVER
     return out
 
 

@@ -118,6 +118,25 @@ def _boundary_band(label: np.ndarray, reach: tuple[int, int, int]) -> np.ndarray
     return ndimage.maximum_filter(label, size=size) != ndimage.minimum_filter(label, size=size)
 
 
+def _oracle_round_trip(
+    scan_path: Path, label_path: Path, config: PreprocessConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The label file through the store's label path onto the scan's model grid (the
+    "model"), then back to the file's grid as predictions go: (back, truth)."""
+    truth = np.asarray(nib.load(label_path).dataobj)
+    interpolation = config.label_interpolation
+    scan = prepare_scan(scan_path, config)
+    geometry = CanonicalGeometry.of(truth.shape, nib.load(label_path).affine)
+    stored = resample_label(
+        canonical_view(truth, geometry), geometry.canonical_affine, scan.grid, interpolation
+    )
+    back = native_labels(
+        stored, scan, largest_liver=False, tumour_in_liver=False, interpolation=interpolation
+    )
+    assert back.shape == truth.shape
+    return back, truth
+
+
 @pytest.mark.parametrize(("codes", "rotate"), [("LPS", 0.0), ("PIR", 0.0), ("IRA", 0.25)])
 def test_the_way_back_follows_borders_finer_than_the_model_grid(
     tmp_path: Path, codes: str, rotate: float
@@ -138,7 +157,6 @@ def test_the_way_back_follows_borders_finer_than_the_model_grid(
     label_path = _reencode(
         tmp_path / "ras_label.nii.gz", tmp_path / "label.nii.gz", codes, rotate=rotate
     )
-    truth = np.asarray(nib.load(label_path).dataobj)
     dice = {}
     for interpolation in ("nearest", "label_linear"):
         config = PreprocessConfig(
@@ -146,15 +164,7 @@ def test_the_way_back_follows_borders_finer_than_the_model_grid(
             slice_size=(64, 64),
             label_interpolation=interpolation,  # type: ignore[arg-type]
         )
-        scan = prepare_scan(scan_path, config)
-        geometry = CanonicalGeometry.of(truth.shape, nib.load(label_path).affine)
-        stored = resample_label(
-            canonical_view(truth, geometry), geometry.canonical_affine, scan.grid, interpolation
-        )
-        back = native_labels(
-            stored, scan, largest_liver=False, tumour_in_liver=False, interpolation=interpolation
-        )
-        assert back.shape == truth.shape
+        back, truth = _oracle_round_trip(scan_path, label_path, config)
         dice[interpolation] = [
             2 * ((back >= c) & (truth >= c)).sum() / ((back >= c).sum() + (truth >= c).sum())
             for c in (1, 2)
@@ -165,7 +175,10 @@ def test_the_way_back_follows_borders_finer_than_the_model_grid(
 
 
 @settings(
-    max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    # 12 per interpolation, 24 in all as before both interpolations were tested
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     codes=st.sampled_from(["RAS", "LPS", "LAI", "PIR", "SPL", "IRA"]),
@@ -177,67 +190,16 @@ def test_the_way_back_follows_borders_finer_than_the_model_grid(
     target=st.sampled_from([(1.0, 1.0, 2.5), (2.0, 2.0, 2.0), (1.5, 1.5, 5.0)]),
     slices=st.integers(12, 40),
     seed=st.integers(0, 2**16),
-    interpolation=st.sampled_from(["nearest", "label_linear"]),
 )
 # Found by Hypothesis: the last native slice lay half a stored slice past the stored grid.
-@example(
-    codes="RAS",
-    spacing=(0.7, 0.7, 1.0),
-    target=(1.0, 1.0, 2.5),
-    slices=18,
-    seed=1666,
-    interpolation="nearest",
-)
+@example(codes="RAS", spacing=(0.7, 0.7, 1.0), target=(1.0, 1.0, 2.5), slices=18, seed=1666)
 # Issue 10: the last stored slice's centre on the scan's outer face (1.25 mm, n = 3 mod 4;
 # 0.625 mm, n = 6 mod 8), where SimpleITK sampled background.
-@example(
-    codes="RAS",
-    spacing=(1.0, 1.0, 1.25),
-    target=(1.0, 1.0, 2.5),
-    slices=27,
-    seed=1,
-    interpolation="nearest",
-)
-@example(
-    codes="RAS",
-    spacing=(1.0, 1.0, 1.25),
-    target=(1.0, 1.0, 2.5),
-    slices=27,
-    seed=1,
-    interpolation="label_linear",
-)
-@example(
-    codes="LPS",
-    spacing=(1.0, 1.0, 1.25),
-    target=(1.0, 1.0, 2.5),
-    slices=31,
-    seed=2,
-    interpolation="nearest",
-)
-@example(
-    codes="PIR",
-    spacing=(0.7, 1.0, 0.625),
-    target=(1.0, 1.0, 2.5),
-    slices=30,
-    seed=3,
-    interpolation="nearest",
-)
-@example(
-    codes="PIR",
-    spacing=(0.7, 1.0, 0.625),
-    target=(1.0, 1.0, 2.5),
-    slices=30,
-    seed=3,
-    interpolation="label_linear",
-)
-@example(
-    codes="IRA",
-    spacing=(1.6, 0.7, 0.625),
-    target=(1.0, 1.0, 2.5),
-    slices=38,
-    seed=4,
-    interpolation="nearest",
-)
+@example(codes="RAS", spacing=(1.0, 1.0, 1.25), target=(1.0, 1.0, 2.5), slices=27, seed=1)
+@example(codes="LPS", spacing=(1.0, 1.0, 1.25), target=(1.0, 1.0, 2.5), slices=31, seed=2)
+@example(codes="PIR", spacing=(0.7, 1.0, 0.625), target=(1.0, 1.0, 2.5), slices=30, seed=3)
+@example(codes="IRA", spacing=(1.6, 0.7, 0.625), target=(1.0, 1.0, 2.5), slices=38, seed=4)
+@pytest.mark.parametrize("interpolation", ["nearest", "label_linear"])
 def test_oracle_round_trip_keeps_labels_within_half_a_voxel(
     tmp_path: Path,
     *,
@@ -271,17 +233,12 @@ def test_oracle_round_trip_keeps_labels_within_half_a_voxel(
     write_nifti(tmp_path / "ras_label.nii.gz", label, affine)
     scan_path = _reencode(ras_image, tmp_path / "scan.nii.gz", codes)
     label_path = _reencode(tmp_path / "ras_label.nii.gz", tmp_path / "label.nii.gz", codes)
-    truth = np.asarray(nib.load(label_path).dataobj)
-    config = PreprocessConfig(target_spacing=target, slice_size=(96, 96))
-    scan = prepare_scan(scan_path, config)
-    geometry = CanonicalGeometry.of(truth.shape, nib.load(label_path).affine)
-    stored = resample_label(
-        canonical_view(truth, geometry), geometry.canonical_affine, scan.grid, interpolation
+    config = PreprocessConfig(
+        target_spacing=target,
+        slice_size=(96, 96),
+        label_interpolation=interpolation,  # type: ignore[arg-type]
     )
-    back = native_labels(
-        stored, scan, largest_liver=False, tumour_in_liver=False, interpolation=interpolation
-    )
-    assert back.shape == truth.shape
+    back, truth = _oracle_round_trip(scan_path, label_path, config)
     native_spacing = np.array(nib.load(label_path).header.get_zooms()[:3])
     file_target = np.abs(nib.io_orientation(nib.load(label_path).affine)[:, 0].astype(int))
     reach = tuple(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from liverpipe.cli_models import models_app
 from liverpipe.errors import FixableError
-from liverpipe.settings import TUMOUR_SEED, Settings, load_settings
+from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD, Settings, load_settings
 
 __all__ = ["ConfigOpt", "app", "main"]
 
@@ -458,6 +459,19 @@ def train_all_cmd(
         print_decisions(challenge(out, run.name, settings.registry, device=pick_device()))
 
 
+def _threshold(value: str) -> float | None:
+    """``--tumour-threshold``: a probability in (0, 1], or 'tuned' (None)."""
+    if value.strip().lower() == "tuned":
+        return None
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = math.nan
+    if not 0 < threshold <= 1:
+        raise typer.BadParameter(f"{value!r} is neither a probability in (0, 1] nor 'tuned'")
+    return threshold
+
+
 @app.command("predict")
 def predict_cmd(
     source: Annotated[Path, typer.Argument(help="A .nii/.nii.gz scan, or a folder of them.")],
@@ -500,6 +514,13 @@ def predict_cmd(
             "liver (confident lesions are kept whole); 0 turns it off.",
         ),
     ] = TUMOUR_SEED,
+    tumour_threshold: Annotated[
+        str,
+        typer.Option(
+            help="Tumour where its probability reaches this (a kept lesion's extent), or "
+            "'tuned': each tumour stage's threshold tuned on its val cases.",
+        ),
+    ] = f"{TUMOUR_THRESHOLD:g}",
     device: Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda' or 'cuda:N'.")] = "auto",
     seg: Annotated[
         bool,
@@ -522,7 +543,9 @@ def predict_cmd(
     dev = pick_device(device)
     folders = expand_models(model) if model else champion_models(runs)
     cascades = [load_cascade(m, dev) for m in folders]
-    post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3, tumour_seed)
+    post = PostProcess(
+        largest_liver, tumour_in_liver, min_lesion_mm3, tumour_seed, _threshold(tumour_threshold)
+    )
     predictor = Predictor(cascades, dev, tta, post)
 
     def report(scan: Path, outcome: object) -> None:

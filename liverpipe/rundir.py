@@ -98,6 +98,8 @@ class RunResult:
     selection: str
     tumour_threshold: float | None = None
     thresholds_tried: Mapping[str, float | None] = field(default_factory=dict)
+    #: The lesion seed the candidates were decided with (None: none, runs before it).
+    threshold_seed: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = strict_json(asdict(self))
@@ -119,6 +121,9 @@ class RunResult:
                     else float(data["tumour_threshold"])
                 ),
                 thresholds_tried=dict(data.get("thresholds_tried", {})),
+                threshold_seed=(
+                    None if data.get("threshold_seed") is None else float(data["threshold_seed"])
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise LiverpipeError(

@@ -23,6 +23,7 @@ __all__ = [
     "MIN_SLICE_SIZE",
     "STRIDE",
     "TUMOUR_SEED",
+    "TUMOUR_THRESHOLD",
     "AugmentConfig",
     "CheckConfig",
     "EvaluateConfig",
@@ -191,6 +192,11 @@ MIN_SLICE_SIZE = 8
 #: Prediction's default lesion hysteresis: a predicted tumour component is kept only where
 #: its tumour probability reaches this somewhere (``PostProcess.tumour_seed``).
 TUMOUR_SEED = 0.99
+#: Prediction's default tumour threshold: a seeded lesion's extent, where the tumour
+#: probability reaches this (``PostProcess.tumour_threshold``; None: each run's val-tuned
+#: threshold). Fixed rather than tuned: with the seed, tuning on a handful of val cases
+#: scored below 0.5 on held-out phantoms (docs/benchmarks.md).
+TUMOUR_THRESHOLD = 0.5
 
 Stage = Literal["liver", "tumour"]
 

@@ -26,7 +26,8 @@ from liverpipe.infer import (
 from liverpipe.labels import Label
 from liverpipe.models import load_cascade
 from liverpipe.roi import Box, crop, fit_to_multiple, grow, liver_box, margin_voxels
-from liverpipe.settings import TUMOUR_SEED, PreprocessConfig
+from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD, PreprocessConfig
+from liverpipe.train import pick_threshold
 
 #: HU of each label in the oracle scans: the image encodes its own label.
 HU = {Label.BACKGROUND: -100.0, Label.LIVER: 60.0, Label.TUMOUR: 20.0}
@@ -185,6 +186,66 @@ def test_the_lesion_seed_only_turns_tumour_into_liver(tiny_runs: Path, phantom_d
     assert PostProcess().tumour_seed == TUMOUR_SEED > 0.9
     assert ((seeded > 0) == (plain > 0)).all()
     assert not ((seeded == Label.TUMOUR) & (plain != Label.TUMOUR)).any()
+
+
+def test_the_threshold_is_tuned_for_the_rule_prediction_applies() -> None:
+    """Tuning decides each candidate with the lesion seed, as prediction does: a faint
+    false blob that only a high threshold removes without the seed (so the tuning picked
+    0.9 and cut the true lesion to its core) goes to the seed, and the tuning then picks
+    the threshold that keeps the lesion whole."""
+    shape = (8, 40, 40)
+    truth = np.ones(shape, np.uint8)
+    truth[2:6, 5:15, 5:15] = Label.TUMOUR  # a 400-voxel lesion
+    p2 = np.zeros(shape, np.float32)
+    p2[2:6, 5:15, 5:15] = 0.7  # its rim
+    p2[2:6, 7:13, 7:13] = 0.95  # its inner part
+    p2[3:5, 9:11, 9:11] = 0.995  # its confident core
+    p2[1, 4:16, 4:16][p2[1, 4:16, 4:16] == 0] = 0.55  # a halo above it, liver in truth
+    p2[1:7, 20:35, 20:35] = 0.85  # a faint false blob of 1,350 voxels
+    probs = np.stack([np.zeros(shape, np.float32), 1 - p2, p2])
+    faint = np.where(p2 == 0.85, p2, 0)  # a tumour-free case with the same false blob
+    tumour_free = (np.stack([np.zeros(shape, np.float32), 1 - faint, faint]), truth.clip(0, 1))
+    plain, _ = pick_threshold([(probs, truth), tumour_free], seed=0.0)
+    seeded, scores = pick_threshold([(probs, truth), tumour_free], seed=0.99)
+    assert plain == 0.9
+    assert seeded == 0.6 and scores["0.6"] == pytest.approx(1.0)
+    assert scores["0.5"] < 1.0  # the halo joins the lesion under 0.6
+    assert pick_threshold([tumour_free], seed=0.99)[0] is None  # nothing to tune on
+
+
+def test_prediction_thresholds_at_the_fixed_value_unless_asked_for_the_tuned_one(
+    tiny_runs: Path, phantom_dir: Path
+) -> None:
+    """The default tumour threshold is settings.TUMOUR_THRESHOLD whatever the run tuned;
+    None asks for the run's own; the threshold reaches the labels; the run records the
+    seed its threshold was tuned with."""
+    cascade = load_cascade(tiny_runs / "manet")
+    assert cascade.tumour is not None
+    assert Predictor([cascade]).tumour_threshold == TUMOUR_THRESHOLD == 0.5
+    tuned = Predictor([cascade], post=PostProcess(tumour_threshold=None))
+    assert tuned.tumour_threshold == cascade.tumour.tumour_threshold
+    result = json.loads((tiny_runs / "manet" / "tumour" / "result.json").read_text())
+    assert result["threshold_seed"] == (TUMOUR_SEED if result["thresholds_tried"] else None)
+    path = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    scan = prepare_scan(path, cascade.liver.preprocess, cascade.liver.zscore)
+    z, y, x = scan.image.shape
+    p2 = np.zeros(scan.image.shape, np.float32)
+    p2[z // 3 : 2 * z // 3, y // 3 : y // 2, x // 3 : x // 2] = 0.7  # a lesion at 0.7
+    liver = np.zeros_like(p2)
+    liver[z // 4 : 3 * z // 4, y // 4 : 3 * y // 4, x // 4 : 3 * x // 4] = (
+        1 - p2[z // 4 : 3 * z // 4, y // 4 : 3 * y // 4, x // 4 : 3 * x // 4]
+    )
+    probs = np.stack([1 - liver - p2, liver, p2])
+    labels = {
+        t: Predictor([cascade], post=PostProcess(tumour_seed=0, tumour_threshold=t)).native(
+            probs, scan
+        )
+        for t in (0.5, 0.9)
+    }
+    assert (labels[0.5] == Label.TUMOUR).any() and not (labels[0.9] == Label.TUMOUR).any()
+    assert ((labels[0.5] > 0) == (labels[0.9] > 0)).all()  # only tumour turned into liver
+    stage1_only = replace(cascade, tumour=None)
+    assert Predictor([stage1_only]).tumour_threshold is None  # stage 1 alone: argmax
 
 
 def test_roi_boxes_grow_fit_and_crop() -> None:

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 
 from liverpipe.evaluate import class_masks, evaluate, overlap
-from liverpipe.infer import Predictor, predict_path
+from liverpipe.infer import PostProcess, Predictor, predict_path
 from liverpipe.models import CheckpointMismatchError, load_cascade
 from liverpipe.preprocess import preprocess_dataset, serial_runner
 from liverpipe.settings import load_settings
@@ -96,6 +96,8 @@ def test_html_tables_equal_metrics_json_and_figures_are_embedded(report: Path) -
     html = (report / "report.html").read_text()
     assert "[lits] LiTS convention" in html  # the empty rule in force is printed
     assert metrics["empty_rule_name"] == "lits"
+    assert metrics["tumour_decision"] == PostProcess().describe()  # the rule in force
+    assert PostProcess().describe() in html
     assert {k.split("/")[0] for k in metrics["checkpoint_selection"]} == set(MODELS) - {"ensemble"}
     assert metrics["stage1"] == [f"{m} stage 1" for m in table["columns"]]
     assert "stage 1" in html and "cascade" in html
@@ -193,6 +195,7 @@ def test_docs_state_the_rules_the_code_applies() -> None:
     text = (REPO / "docs" / "evaluation.md").read_text()
     assert empty_rule_text("lits") in text and empty_rule_text("exclude") in text
     assert LESION_RULE in text
+    assert PostProcess().describe() in text  # the cascade's default tumour decision
 
 
 def test_the_headline_scores_tumour_where_it_is_and_false_alarms_where_it_is_not() -> None:

@@ -274,12 +274,13 @@ def _context(evaluation: Evaluation) -> str:
         else ""
     )
     chosen = " ".join(f"{m}: {how}." for m, how in sorted(evaluation.selection.items()))
+    decision = f" Cascade masks: {evaluation.decision}." if evaluation.decision else ""
     return (
         f"Store `{evaluation.store}` (preprocessing config {evaluation.config_hash}). Cases per split: "
         f"{sizes}. Each model is a cascade: stage 1 finds the liver on whole slices, stage 2 "
         f"segments liver and tumour inside the liver's bounding box at full resolution; the "
         f"headline and the seed table score the cascade, and the '{STAGE1}' rows score stage 1 "
-        f"alone, so the gain is visible. "
+        f"alone, so the gain is visible.{decision} "
         f"Metrics are computed per case on each scan's native grid after mapping the "
         f"prediction back through the inverse of preprocessing; the loss (Dice + cross-entropy) "
         f"on the stored grid. Liver is labels 1 and 2, tumour label 2. Empty ground truth: "

@@ -137,6 +137,7 @@ class Evaluation:
     skipped: dict[str, str] = field(default_factory=dict)
     empty_rule: EmptyRule = "lits"
     selection: dict[str, str] = field(default_factory=dict)
+    decision: str = ""  # the cascade's tumour decision rule (``PostProcess.describe``)
     overlays: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
     def aggregates(self) -> dict[str, dict[str, Aggregate]]:
@@ -163,6 +164,7 @@ class Evaluation:
                 "empty_rule": empty_rule_text(self.empty_rule),
                 "empty_rule_name": self.empty_rule,
                 "checkpoint_selection": self.selection,
+                "tumour_decision": self.decision,
                 "lesion_rule": LESION_RULE,
                 "seed_table": seed_table(aggregates, self.models),
                 "aggregates": {
@@ -224,6 +226,7 @@ def evaluate(
             for r in (c.liver, c.tumour)
             if r is not None
         },
+        decision=post.describe(),
     )
     first = cascades[0].liver
     # Stage 1 alone is scored where the report's headline looks: the first of test, val,

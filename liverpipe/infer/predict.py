@@ -43,7 +43,7 @@ from liverpipe.io import (
 )
 from liverpipe.labels import Label
 from liverpipe.models import Cascade, Run
-from liverpipe.settings import TUMOUR_SEED
+from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD
 
 __all__ = [
     "PostProcess",
@@ -66,6 +66,24 @@ class PostProcess:
     #: Tumour components whose tumour probability never reaches this become liver
     #: (hysteresis: confident lesions kept whole, faint blobs dropped); 0 turns it off.
     tumour_seed: float = TUMOUR_SEED
+    #: Tumour where its probability reaches this (the extent of a seeded lesion); None:
+    #: each tumour stage's val-tuned threshold (``result.json``), averaged over an ensemble.
+    tumour_threshold: float | None = TUMOUR_THRESHOLD
+
+    def describe(self) -> str:
+        """The tumour decision rule, in words (the report states it)."""
+        threshold = (
+            "each tumour stage's val-tuned threshold"
+            if self.tumour_threshold is None
+            else f"{self.tumour_threshold:g}"
+        )
+        seed = (
+            f", in lesions whose tumour probability reaches {self.tumour_seed:g} somewhere "
+            "(the rest becomes liver)"
+            if self.tumour_seed > 0
+            else ""
+        )
+        return f"tumour where its probability reaches {threshold}{seed}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,15 +209,19 @@ class Predictor:
 
     @property
     def tumour_threshold(self) -> float | None:
-        """The tumour stages' tuned thresholds, averaged (None: argmax)."""
+        """The cascade's tumour threshold: ``post.tumour_threshold``, or when that is None
+        the tumour stages' val-tuned thresholds averaged (None: argmax, as without a
+        tumour stage)."""
         found = [c.tumour.tumour_threshold for c in self.cascades if c.tumour is not None]
+        if found and self.post.tumour_threshold is not None:
+            return self.post.tumour_threshold
         values = [t for t in found if t is not None]
         return float(np.mean(values)) if values and len(values) == len(found) else None
 
     def native(self, probs: np.ndarray, scan: PreparedScan, cascade: bool = True) -> np.ndarray:
         """Model-grid softmax -> post-processed uint8 labels in the file's (i, j, k) order,
         resampled back as the store resampled labels in; ``cascade``: with the tumour
-        stage's tuned threshold (stage 1 alone: argmax)."""
+        threshold and seed (stage 1 alone: argmax)."""
         labels = decide(probs, self.tumour_threshold if cascade else None)
         post = self.post
         if post.tumour_seed > 0:

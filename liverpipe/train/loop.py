@@ -29,7 +29,7 @@ from liverpipe._files import strict_json, write_json_atomic
 from liverpipe.errors import ConfigError, LiverpipeError
 from liverpipe.models import load_checkpoint, model_for, save_checkpoint
 from liverpipe.rundir import RunRecord, RunResult, StageDir
-from liverpipe.settings import STRIDE, Settings, Stage, TrainConfig, load_settings
+from liverpipe.settings import STRIDE, TUMOUR_SEED, Settings, Stage, TrainConfig, load_settings
 from liverpipe.train.augment import augment_batch
 from liverpipe.train.sampling import SliceSampler, SliceTable, StreamingSource
 from liverpipe.train.stages import (
@@ -359,6 +359,7 @@ def train(
             ),
             tumour_threshold=threshold,
             thresholds_tried=dict(candidates),
+            threshold_seed=TUMOUR_SEED if candidates else None,
         ).write(folder)
     return TrainResult(run_dir, run.step, best, loss)
 
@@ -382,12 +383,13 @@ def _cases(
 def _tune(
     run: _Run, run_dir: Path, store: SliceStore, val_ids: list[str], cfg: TrainConfig
 ) -> tuple[float | None, dict[str, float]]:
-    """The tumour threshold of the checkpoint that predicts (best.pt), tuned on val."""
+    """The tumour threshold of the checkpoint that predicts (best.pt), tuned on val with
+    prediction's default lesion seed."""
     device = next(run.model.parameters()).device
     best = StageDir(run_dir).best
     if best.is_file():
         run.model.load_state_dict(load_checkpoint(best)["model"])
-    return tune_threshold(run.model, store, val_ids, cfg, device)
+    return tune_threshold(run.model, store, val_ids, cfg, device, TUMOUR_SEED)
 
 
 def _check_sizes(store: SliceStore, cfg: TrainConfig) -> None:

@@ -13,6 +13,7 @@ inside the ground-truth liver's ROI; both by Dice pooled over the val cases per 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,15 @@ from liverpipe.evaluate import case_counts, case_dice, pooled_score
 from liverpipe.infer import (
     StageModels,
     decide,
+    keep_seeded_lesions,
     pool,
     pool_labels,
     predict_probabilities,
     tumour_stage,
 )
+from liverpipe.labels import Label
 from liverpipe.roi import liver_box
-from liverpipe.settings import TrainConfig
+from liverpipe.settings import TUMOUR_SEED, TrainConfig
 from liverpipe.train.sampling import (
     ResidentSource,
     RoiSource,
@@ -43,6 +46,7 @@ __all__ = [
     "THRESHOLDS",
     "Source",
     "make_source",
+    "pick_threshold",
     "prepare_batch",
     "resolve_steps",
     "stage_table",
@@ -122,16 +126,26 @@ def tune_threshold(
     case_ids: list[str],
     cfg: TrainConfig,
     device: torch.device,
+    seed: float = TUMOUR_SEED,
 ) -> tuple[float | None, dict[str, float]]:
-    """The tumour threshold with the best tumour Dice pooled over the val cases' ROIs
-    (ties: the lower), and every candidate's score; None when no val case has tumour."""
+    """:func:`pick_threshold` on stage 2's softmax inside the val cases' ground-truth
+    liver ROIs."""
+    rois = (_oracle_roi(model, store, case_id, cfg, device) for case_id in case_ids)
+    return pick_threshold(((p, t) for p, t in rois if p is not None), seed)
+
+
+def pick_threshold(
+    cases: Iterable[tuple[np.ndarray, np.ndarray]], seed: float = TUMOUR_SEED
+) -> tuple[float | None, dict[str, float]]:
+    """The tumour threshold with the best tumour Dice pooled over ``cases`` (softmax
+    (3, ...), labels) (ties: the lower), and every candidate's score; None when no case
+    has tumour. Each candidate is decided as prediction decides: lesions must reach
+    ``seed`` (:func:`~liverpipe.infer.keep_seeded_lesions`; 0: no seed)."""
     counts: dict[float, list[dict[str, tuple[int, int, int]]]] = {t: [] for t in THRESHOLDS}
-    for case_id in case_ids:
-        probs, truth = _oracle_roi(model, store, case_id, cfg, device)
-        if probs is None:
-            continue
+    for probs, truth in cases:
         for t in THRESHOLDS:
-            counts[t].append(case_counts(decide(probs, t), truth))
+            labels = keep_seeded_lesions(decide(probs, t), probs[Label.TUMOUR], seed)
+            counts[t].append(case_counts(labels, truth))
     scores = {t: pooled_score(c)["tumour"] if c else math.nan for t, c in counts.items()}
     record = {str(t): v for t, v in scores.items()}
     finite = {t: v for t, v in scores.items() if not math.isnan(v)}

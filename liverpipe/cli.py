@@ -536,6 +536,7 @@ def predict_cmd(
 
     Example: liverpipe predict scans/ -o masks/ --runs runs --tta
     """
+    threshold = _threshold(tumour_threshold)  # a bad value fails before models load
     from liverpipe.infer import PostProcess, Predictor, predict_path
     from liverpipe.models import expand_models, load_cascade, pick_device
     from liverpipe.ops import champion_models
@@ -543,9 +544,7 @@ def predict_cmd(
     dev = pick_device(device)
     folders = expand_models(model) if model else champion_models(runs)
     cascades = [load_cascade(m, dev) for m in folders]
-    post = PostProcess(
-        largest_liver, tumour_in_liver, min_lesion_mm3, tumour_seed, _threshold(tumour_threshold)
-    )
+    post = PostProcess(largest_liver, tumour_in_liver, min_lesion_mm3, tumour_seed, threshold)
     predictor = Predictor(cascades, dev, tta, post)
 
     def report(scan: Path, outcome: object) -> None:

@@ -304,6 +304,36 @@ def test_predict_cli_writes_the_good_mask_and_names_the_broken_scan(
     assert not (tmp_path / "out" / "a_broken.nii.gz").exists()
 
 
+def test_the_tumour_threshold_option_is_checked_first_and_recorded(
+    phantom_dir: Path, tiny_runs: Path, tmp_path: Path
+) -> None:
+    """--tumour-threshold takes a probability or 'tuned'; anything else is refused before
+    any model loads or mask is written; the measurements JSON records what was applied."""
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    model = str(tiny_runs / "manet")
+    for bad in ("0", "1.5", "nan", "abc"):
+        out = tmp_path / f"bad_{bad}.nii.gz"
+        args = ["predict", str(scan), "-o", str(out), "-m", model, "--tumour-threshold", bad]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "neither a probability" in result.output, bad
+        assert not out.exists()
+    tuned = load_cascade(tiny_runs / "manet").tumour
+    assert tuned is not None
+    for value, expected in (("0.7", 0.7), ("tuned", tuned.tumour_threshold), (None, 0.5)):
+        out = tmp_path / f"mask_{value}.nii.gz"
+        extra = [] if value is None else ["--tumour-threshold", value]
+        result = CliRunner().invoke(
+            app, ["predict", str(scan), "-o", str(out), "-m", model, *extra]
+        )
+        assert result.exit_code == 0, result.output
+        record = json.loads(out.with_name(f"mask_{value}.json").read_text())
+        assert record["tumour_threshold"] == expected and record["tumour_seed"] == 0.99
+
+
 def _with_flips(cascade: Cascade, axes: tuple[str, ...]) -> Cascade:
     runs = []
     for run in (cascade.liver, cascade.tumour):

@@ -298,6 +298,8 @@ def predict_file(
         "models": [str(r.checkpoint) for r in predictor.runs],
         "tta": predictor.tta,
         "tta_flips": [list(f) for f in predictor.tta_flips if f],
+        "tumour_threshold": predictor.tumour_threshold,  # None: argmax (no tumour stage)
+        "tumour_seed": predictor.post.tumour_seed,
         "affine_source": prepared.info.affine_source,
         "fov": prepared.fov.to_json(),
         "warnings": list(prepared.warnings),

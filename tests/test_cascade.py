@@ -191,7 +191,7 @@ def test_the_lesion_seed_only_turns_tumour_into_liver(tiny_runs: Path, phantom_d
 def test_the_threshold_is_tuned_for_the_rule_prediction_applies() -> None:
     """Tuning decides each candidate with the lesion seed, as prediction does: a faint
     false blob that only a high threshold removes without the seed (so the tuning picked
-    0.9 and cut the true lesion to its core) goes to the seed, and the tuning then picks
+    0.9 and cut the true lesion to its inner part) goes to the seed, and the tuning picks
     the threshold that keeps the lesion whole."""
     shape = (8, 40, 40)
     truth = np.ones(shape, np.uint8)

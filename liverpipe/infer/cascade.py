@@ -20,7 +20,7 @@ import cc3d
 import numpy as np
 import torch
 
-from liverpipe.infer.volume import predict_probabilities
+from liverpipe.infer.volume import keep_seeded_lesions, predict_probabilities
 from liverpipe.roi import (
     Box,
     crop,
@@ -130,10 +130,15 @@ def _in_plane(box: Box) -> tuple[int, int, int, int]:
     return box.y0, box.y1, box.x0, box.x1
 
 
-def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+def decide(probs: np.ndarray, threshold: float | None = None, seed: float = 0.0) -> np.ndarray:
     """Labels (uint8) from softmax (3, ...): argmax, or with ``threshold`` foreground where
-    liver + tumour outweigh background, tumour where its own probability reaches it."""
+    liver + tumour outweigh background, tumour where its own probability reaches it; then,
+    with ``seed`` > 0, only lesions that reach ``seed`` somewhere stay tumour
+    (:func:`~liverpipe.infer.volume.keep_seeded_lesions`). Prediction and the threshold
+    tuning both decide here, so they apply one rule."""
     if threshold is None:
-        return probs.argmax(0).astype(np.uint8)
-    foreground = probs[1] + probs[2] > probs[0]
-    return np.where(foreground, np.where(probs[2] >= threshold, 2, 1), 0).astype(np.uint8)
+        labels = probs.argmax(0).astype(np.uint8)
+    else:
+        foreground = probs[1] + probs[2] > probs[0]
+        labels = np.where(foreground, np.where(probs[2] >= threshold, 2, 1), 0).astype(np.uint8)
+    return keep_seeded_lesions(labels, probs[2], seed) if seed > 0 else labels

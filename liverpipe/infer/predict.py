@@ -24,13 +24,7 @@ import torch
 from liverpipe.errors import LiverpipeError
 from liverpipe.infer.cascade import StageModels, decide, liver_stage, tumour_stage
 from liverpipe.infer.measure import measure
-from liverpipe.infer.volume import (
-    PreparedScan,
-    keep_seeded_lesions,
-    native_labels,
-    prepare_scan,
-    tta_flips,
-)
+from liverpipe.infer.volume import PreparedScan, native_labels, prepare_scan, tta_flips
 from liverpipe.io import (
     DicomSeries,
     NiftiInfo,
@@ -41,7 +35,6 @@ from liverpipe.io import (
     write_nifti,
     write_seg,
 )
-from liverpipe.labels import Label
 from liverpipe.models import Cascade, Run
 from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD
 
@@ -222,10 +215,8 @@ class Predictor:
         """Model-grid softmax -> post-processed uint8 labels in the file's (i, j, k) order,
         resampled back as the store resampled labels in; ``cascade``: with the tumour
         threshold and seed (stage 1 alone: argmax)."""
-        labels = decide(probs, self.tumour_threshold if cascade else None)
         post = self.post
-        if post.tumour_seed > 0:
-            labels = keep_seeded_lesions(labels, probs[Label.TUMOUR], post.tumour_seed)
+        labels = decide(probs, self.tumour_threshold if cascade else None, post.tumour_seed)
         return native_labels(
             labels,
             scan,

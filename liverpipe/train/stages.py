@@ -23,13 +23,11 @@ from liverpipe.evaluate import case_counts, case_dice, pooled_score
 from liverpipe.infer import (
     StageModels,
     decide,
-    keep_seeded_lesions,
     pool,
     pool_labels,
     predict_probabilities,
     tumour_stage,
 )
-from liverpipe.labels import Label
 from liverpipe.roi import liver_box
 from liverpipe.settings import TUMOUR_SEED, TrainConfig
 from liverpipe.train.sampling import (
@@ -140,12 +138,11 @@ def pick_threshold(
     """The tumour threshold with the best tumour Dice pooled over ``cases`` (softmax
     (3, ...), labels) (ties: the lower), and every candidate's score; None when no case
     has tumour. Each candidate is decided as prediction decides: lesions must reach
-    ``seed`` (:func:`~liverpipe.infer.keep_seeded_lesions`; 0: no seed)."""
+    ``seed`` (:func:`~liverpipe.infer.decide`; 0: no seed)."""
     counts: dict[float, list[dict[str, tuple[int, int, int]]]] = {t: [] for t in THRESHOLDS}
     for probs, truth in cases:
         for t in THRESHOLDS:
-            labels = keep_seeded_lesions(decide(probs, t), probs[Label.TUMOUR], seed)
-            counts[t].append(case_counts(labels, truth))
+            counts[t].append(case_counts(decide(probs, t, seed), truth))
     scores = {t: pooled_score(c)["tumour"] if c else math.nan for t, c in counts.items()}
     record = {str(t): v for t, v in scores.items()}
     finite = {t: v for t, v in scores.items() if not math.isnan(v)}

@@ -363,3 +363,62 @@ def test_label_crop_first_gives_the_stored_labels_of_the_whole_volume_path(
     got = resample_label(labels, affine, grid, interpolation)
     np.testing.assert_array_equal(got, reference)
     assert (got == 1).any() and (got == 2).any()
+
+
+@pytest.mark.parametrize("slab", [1, 7, 32, 100])
+def test_hu_statistics_match_numpy_on_the_whole_region(slab: int) -> None:
+    """The statistics stored with each case (issue 13: one mask per slab) equal numpy's on
+    the whole region: exact counts, mean and std to float64 rounding, and percentiles of
+    the sample within a few HU (exact when the region is smaller than the sample)."""
+    from liverpipe.preprocess import hu_statistics
+
+    rng = np.random.default_rng(slab)
+    hu = rng.normal(-300, 400, (45, 64, 64)).astype(np.float16)
+    label = np.zeros(hu.shape, dtype=np.uint8)
+    label[10:30, 20:50, 15:45] = 1
+    label[18:22, 30:36, 25:31] = 2
+    hu[label > 0] = rng.normal(60, 15, int((label > 0).sum())).astype(np.float16)
+    stats = hu_statistics(hu, label, -500.0, slab=slab)
+    for name, region in (("body", hu > -500), ("liver", label > 0)):
+        values = hu[region].astype(np.float64)
+        assert stats[f"{name}_voxels"] == values.size
+        assert stats[f"{name}_mean"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-9)
+        assert stats[f"{name}_std"] == pytest.approx(values.std(), rel=1e-9)
+        p005, p50, p995 = np.percentile(values, [0.5, 50, 99.5])
+        tolerance = 0.0 if values.size <= 200_000 else 5.0
+        assert stats[f"{name}_median"] == pytest.approx(p50, abs=tolerance)
+        assert stats[f"{name}_p0.5"] == pytest.approx(p005, abs=4 * tolerance)
+        assert stats[f"{name}_p99.5"] == pytest.approx(p995, abs=4 * tolerance)
+    assert hu_statistics(hu, np.zeros_like(label), 5000.0, slab=slab) == {}
+
+
+def test_largest_cases_are_submitted_first(tmp_path: Path) -> None:
+    """The plan hands the largest image files to the workers first, so that a small case
+    finishes the run (issue 13: a shorter idle tail); equal sizes keep their order."""
+    from liverpipe.preprocess import plan
+    from liverpipe.preprocess.case import CaseJob
+    from liverpipe.preprocess.pipeline import largest_first
+
+    sizes = {"a": 10, "b": 300, "c": 10, "d": 50}
+    jobs = [
+        CaseJob(
+            cid,
+            tmp_path / cid,
+            None,
+            tmp_path,
+            Settings().preprocess,
+            "h",
+            identity={"image": [size, 0, 0, 0]},
+        )
+        for cid, size in sizes.items()
+    ]
+    assert [j.case_id for j in largest_first(jobs)] == ["b", "d", "a", "c"]
+
+    data = tmp_path / "data"
+    for cid, slices in (("c1", 4), ("c2", 12), ("c3", 8)):
+        label = np.zeros((16, 16, slices), dtype=np.uint8)
+        label[4:12, 4:12, 1:-1] = 1
+        write_nifti(data / "imagesTr" / f"{cid}.nii", np.full(label.shape, 40, np.int16))
+        write_nifti(data / "labelsTr" / f"{cid}.nii", label)
+    work = plan(data, tmp_path / "store.zarr", {}, Settings(), "h", None)
+    assert [j.case_id for j in work.todo] == ["c2", "c3", "c1"]

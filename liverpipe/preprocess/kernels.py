@@ -462,8 +462,9 @@ def hu_statistics(
 ) -> dict[str, float]:
     """HU mean, std and percentiles inside the body and inside the liver (labels 1 and 2).
 
-    Percentiles come from 200,000 voxels drawn at random (seed 0) from the region. The
-    volume is read ``slab`` slices at a time: no temporary is the size of the scan."""
+    Percentiles come from 200,000 voxels drawn at random (seed 0) from the region. Masks
+    are built ``slab`` slices at a time, once per region; the region's values are copied
+    once (at most the size of ``hu``)."""
     regions: dict[str, Callable[[int, int], np.ndarray]] = {
         "body": lambda z0, z1: hu[z0:z1] > body_threshold
     }
@@ -481,24 +482,22 @@ def hu_statistics(
 def _region_stats(
     hu: np.ndarray, mask: Callable[[int, int], np.ndarray], slab: int, rng: np.random.Generator
 ) -> dict[str, float] | None:
-    bounds = [(z0, min(z0 + slab, hu.shape[0])) for z0 in range(0, hu.shape[0], slab)]
-    counts = [int(np.count_nonzero(mask(z0, z1))) for z0, z1 in bounds]
-    size = sum(counts)
+    # One pass builds each slab's mask once and keeps the region's values (at most the
+    # size of ``hu``); the moments and the sample are then taken from those values.
+    values = [hu[z0 : z0 + slab][mask(z0, z0 + slab)] for z0 in range(0, hu.shape[0], slab)]
+    size = sum(v.size for v in values)
     if size == 0:
         return None
-    total = sum(float(hu[z0:z1][mask(z0, z1)].sum(dtype=np.float64)) for z0, z1 in bounds)
-    mean = total / size
-    squares = sum(
-        float(np.square(hu[z0:z1][mask(z0, z1)].astype(np.float64) - mean).sum())
-        for z0, z1 in bounds
-    )
+    mean = sum(float(v.sum(dtype=np.float64)) for v in values) / size
+    squares = sum(float(np.square(v.astype(np.float64) - mean).sum()) for v in values)
     picks = np.arange(size) if size <= _SAMPLE else rng.integers(0, size, _SAMPLE)
     sample = np.empty(picks.size, dtype=np.float32)
-    starts = np.cumsum([0, *counts])
-    for (z0, z1), first, last in zip(bounds, starts[:-1], starts[1:], strict=True):
-        inside = (picks >= first) & (picks < last)
+    first = 0
+    for v in values:
+        inside = (picks >= first) & (picks < first + v.size)
         if inside.any():
-            sample[inside] = hu[z0:z1][mask(z0, z1)][picks[inside] - first]
+            sample[inside] = v[picks[inside] - first]
+        first += v.size
     p005, p50, p995 = np.percentile(sample, [0.5, 50, 99.5])
     return {
         "voxels": float(size),

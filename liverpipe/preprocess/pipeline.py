@@ -43,6 +43,7 @@ __all__ = [
     "assign_split",
     "assign_splits",
     "effective_config_hash",
+    "largest_first",
     "needs_record",
     "needs_workers",
     "pending",
@@ -124,6 +125,16 @@ def serial_runner(
             yield item, fn(item)
         except Exception as err:
             yield item, err
+
+
+def largest_first(jobs: list[CaseJob]) -> list[CaseJob]:
+    """Jobs ordered by their image file's size, largest first (stable among equals).
+
+    Workers take tasks in submission order, so the largest cases start first and the
+    last task to finish is a small one: the tail in which some workers sit idle is
+    shortest (longest-processing-time-first scheduling, with file size as the cost).
+    """
+    return sorted(jobs, key=lambda job: -(job.identity or {}).get("image", [0])[0])
 
 
 @dataclass(frozen=True)
@@ -284,7 +295,7 @@ def plan(
                 )
             )
     splits = _splits_for([j.case_id for j in todo], entries, config, sticky_splits)
-    todo = [replace(j, split=splits[j.case_id]) for j in todo]
+    todo = largest_first([replace(j, split=splits[j.case_id]) for j in todo])
     seen = {c.case_id for c in index.training}
     missing = sorted(cid for cid in entries if cid not in seen or cid in kept)
     touched = {cid: ident for cid, ident in touched.items() if cid not in {j.case_id for j in todo}}

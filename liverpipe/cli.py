@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from liverpipe._console import err_console, say, table_console
 from liverpipe.cli_models import models_app
 from liverpipe.errors import FixableError
 from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD, Settings, load_settings
@@ -28,7 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True, soft_wrap=True)
 app.add_typer(models_app, name="models")
 
 ConfigOpt = Annotated[
@@ -170,7 +169,7 @@ def _print_check_table(reports: list[Any]) -> None:
             r.axcodes or "-",
             "\n".join([*r.errors, *(f"warning: {w}" for w in r.warnings)]),
         )
-    Console().print(table)
+    table_console().print(table)
     bad = sum(not r.ok for r in reports)
     typer.echo(
         f"{len(reports) - bad} of {len(reports)} cases valid" if reports else "no cases found"
@@ -245,15 +244,12 @@ def _print_summary(summary: Any) -> None:
         f"({summary.cases_per_minute:.1f} cases/min)"
     )
     for case_id, error in summary.failed.items():
-        err_console.print(f"[red]failed[/red] {case_id}: {error}", highlight=False)
+        say("failed", "red", f"{case_id}: {error}")
     for case_id, error in summary.still_failed.items():
-        err_console.print(
-            f"[red]still failing[/red] (files unchanged, not retried) {case_id}: {error}",
-            highlight=False,
-        )
+        say("still failing", "red", f"(files unchanged, not retried) {case_id}: {error}")
     for case_id, warnings in summary.warnings.items():
         for warning in warnings:
-            err_console.print(f"[yellow]warning[/yellow] {case_id}: {warning}", highlight=False)
+            say("warning", "yellow", f"{case_id}: {warning}")
     if summary.missing:
         typer.echo(f"sources missing (kept in the store): {', '.join(summary.missing)}")
     if summary.unlabelled:
@@ -287,7 +283,7 @@ def store_info(
         spacing = "x".join(f"{v:.2f}" for v in case["spacing"]) if case["spacing"] else "-"
         status = case["status"] + (" (source missing)" if case["source_missing"] else "")
         table.add_row(case["case_id"], status, case["split"], shape, spacing, case["error"] or "")
-    Console().print(table)
+    table_console().print(table)
 
 
 def _training_bar() -> Progress:
@@ -422,10 +418,7 @@ def train_all_cmd(
 
     def report(outcome: ModelOutcome) -> None:
         if outcome.result is None:
-            err_console.print(
-                f"[red]{outcome.job} failed[/red] ({outcome.device}): {outcome.error}",
-                highlight=False,
-            )
+            say(f"{outcome.job} failed", "red", f"({outcome.device}): {outcome.error}")
             return
         r = outcome.result
         typer.echo(
@@ -449,7 +442,7 @@ def train_all_cmd(
         )
     failed = [o.job for o in outcomes if o.result is None]
     if failed:
-        err_console.print(f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
+        say(f"{len(failed)} of {len(outcomes)} models failed:", "red", ", ".join(failed))
         raise typer.Exit(1)
     if promote:
         from liverpipe.cli_models import print_decisions
@@ -549,7 +542,7 @@ def predict_cmd(
 
     def report(scan: Path, outcome: object) -> None:
         if isinstance(outcome, Exception):
-            err_console.print(f"[red]failed[/red] {outcome}", highlight=False)
+            say("failed", "red", str(outcome))
             return
         assert isinstance(outcome, dict)
         typer.echo(
@@ -557,15 +550,12 @@ def predict_cmd(
             f"burden {outcome['tumour_burden_percent']:.2f}% -> {outcome['mask']}"
         )
         for warning in outcome.get("warnings", []):
-            err_console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
+            say("warning", "yellow", warning)
 
     results = predict_path(predictor, source, output, on_done=report, seg=seg)
     failed = [p for p, r in results.items() if isinstance(r, Exception)]
     if failed:
-        err_console.print(
-            f"{len(failed)} of {len(results)} scans failed: {', '.join(str(p) for p in failed)}",
-            highlight=False,
-        )
+        say(f"{len(failed)} of {len(results)} scans failed:", "red", ", ".join(map(str, failed)))
         raise typer.Exit(1)
 
 
@@ -654,7 +644,7 @@ def evaluate_cmd(
     table = Table(*headline.head, title="headline (mean over cases)")
     for row in headline.rows:
         table.add_row(*row)
-    Console().print(table)
+    table_console().print(table)
     typer.echo(f"report: {paths['html']} (metrics: {paths['metrics']})")
 
 
@@ -673,7 +663,7 @@ def main() -> None:
     try:
         app()
     except FixableError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        say("error:", "red", str(err))
         sys.exit(2)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from liverpipe._console import table_console
 from liverpipe.ops import ENSEMBLE, REGISTRY, Decision, Registry
 from liverpipe.rundir import RunRecord, run_folders
 from liverpipe.settings import load_settings
@@ -54,7 +54,7 @@ def print_decisions(decisions: Sequence[Decision]) -> None:
             f"{d.score_text('challenger', 'tumour_global_dice')}/{d.score_text('champion', 'tumour_global_dice')}",
             f"{d.reason} ({len(d.cases)} case(s))" if d.cases else d.reason,
         )
-    Console().print(table)
+    table_console().print(table)
 
 
 @models_app.command("list")
@@ -98,7 +98,7 @@ def list_cmd(
             f"{record.store} ({record.store_config_hash[:8]})",
             ", ".join(sorted(champions.get(record.run_id, []))),
         )
-    Console().print(table)
+    table_console().print(table)
     history = Table(title=f"history ({runs / REGISTRY})")
     for column in ("time", "action", "key", "run", "previous", "forced", "reason"):
         history.add_column(column, no_wrap=column in {"run", "previous"})
@@ -112,7 +112,7 @@ def list_cmd(
             "yes" if d.forced else "",
             d.reason,
         )
-    Console().print(history)
+    table_console().print(history)
 
 
 @models_app.command("promote")

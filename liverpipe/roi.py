@@ -26,6 +26,7 @@ __all__ = [
     "liver_median",
     "margin_voxels",
     "relative",
+    "relative_gain",
 ]
 
 
@@ -123,6 +124,12 @@ def liver_median(image: np.ndarray, liver: np.ndarray) -> float:
     when the mask is empty."""
     values = image[liver] if liver.any() else image
     return float(np.median(values))
+
+
+def relative_gain(hu_per_unit: float, window_hu: float) -> float:
+    """The ``gain`` of :func:`relative`: stored units (``hu_per_unit`` HU each) to units of
+    ``window_hu`` HU. The one formula that training and prediction both use."""
+    return hu_per_unit / window_hu
 
 
 def relative(image: np.ndarray, median: float, gain: float, clip: bool = False) -> np.ndarray:

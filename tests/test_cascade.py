@@ -297,3 +297,23 @@ def test_a_tiny_cascade_finds_tumours_that_stage_one_misses(tmp_path: Path) -> N
         cascade.append(overlap(out.cascade == Label.TUMOUR, truth)["dice"])
     assert len(cascade) >= 3
     assert np.mean(cascade) > np.mean(stage1) + 0.15, (cascade, stage1)
+
+
+def test_prediction_reads_stage_2_input_with_the_gain_training_used(
+    tiny_runs: Path, tiny_store: Path
+) -> None:
+    """Training derives stage 2's gain from each stored case's intensity record,
+    prediction from the run's saved preprocessing config: the two must agree, or stage 2
+    reads a differently scaled input than it learnt on."""
+    from liverpipe.roi import relative_gain
+    from storage import SliceStore
+
+    store = SliceStore.open(tiny_store)
+    for model in ("deeplabv3plus", "manet", "unetplusplus"):
+        tumour = load_cascade(tiny_runs / model).tumour
+        assert tumour is not None
+        for case_id in store.cases():
+            intensity = store.case(case_id).meta.intensity
+            trained = relative_gain(intensity.hu_scale, tumour.train.relative_window_hu)
+            assert tumour.gain == pytest.approx(trained, rel=1e-12)
+    assert relative_gain(450.0, 150.0) == 3.0

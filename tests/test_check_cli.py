@@ -147,3 +147,37 @@ def test_a_folder_of_unreadable_files_gets_one_json_row_each(tmp_path: Path) -> 
     assert rows["fine"]["ok"] and rows["fine"]["errors"] == []
     single = runner.invoke(app, ["check", str(folder / "picture.nii.gz"), "--json"])
     assert single.exit_code == 1 and "a PNG image" in single.stdout
+
+
+def test_fixes_that_name_a_config_section_print_it_literally(tmp_path: Path) -> None:
+    """rich reads '[check]' as markup and dropped it from the terminal output: the table
+    and the preprocess summary must print a fix's config section as written."""
+    write_nifti(tmp_path / "imagesTr" / "thin.nii.gz", np.zeros((8, 8, 2), np.int16))
+    write_nifti(tmp_path / "labelsTr" / "thin.nii.gz", np.zeros((8, 8, 2), np.uint8))
+    table = runner.invoke(app, ["check", str(tmp_path)], env={"COLUMNS": "400"})
+    assert table.exit_code == 1
+    assert "[check] min_slices sets the limit" in table.stdout
+    summary = runner.invoke(
+        app,
+        ["preprocess", str(tmp_path), "--store", str(tmp_path / "s.zarr")],
+        env={"COLUMNS": "400"},
+    )
+    assert "failed thin:" in summary.output
+    assert "[check] min_slices sets the limit" in summary.output
+
+
+def test_an_empty_label_and_a_blank_scan_are_flagged(tiny_case: Path) -> None:
+    """A label with no liver and a scan with nothing above the body threshold are
+    readable but almost surely wrong exports: check warns about both, naming the file."""
+    shape = (8, 9, 10)
+    write_nifti(tiny_case / "labelsTr" / "case_a.nii.gz", np.zeros(shape, np.uint8))
+    write_nifti(tiny_case / "imagesTr" / "case_b.nii.gz", np.full(shape, -1024, np.int16))
+    result = runner.invoke(app, ["check", str(tiny_case), "--json"])
+    reports = {r["case_id"]: r for r in json.loads(result.stdout)}
+    (empty,) = reports["case_a"]["warnings"]
+    assert "imagesTr/case_a.nii.gz: its label marks no voxel as liver or tumour" in empty
+    assert reports["case_a"]["fov"]["label_voxels"] == 0
+    (blank,) = reports["case_b"]["warnings"]
+    assert "imagesTr/case_b.nii.gz: no voxel is above -500 HU" in blank and "Fix:" in blank
+    assert reports["case_b"]["fov"]["body_found"] is False
+    assert reports["case_b"]["fov"]["label_voxels"] > 0

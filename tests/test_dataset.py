@@ -137,3 +137,26 @@ def test_phantom_dataset_json_is_msd_style(phantom_dir: Path, tmp_path: Path) ->
     copy = shutil.copytree(phantom_dir, tmp_path / "copy")
     index = discover(copy)
     assert index.from_dataset_json and len(index.training) == 4
+
+
+def test_a_broken_link_or_a_folder_named_like_a_scan_is_named_as_such(tmp_path: Path) -> None:
+    """Not 'label without an image': the image is there but unreadable, and the error
+    says why (a dangling symbolic link, a folder), for pairs and for imagesTs alike."""
+    _kaggle_like(tmp_path, 3)
+    (tmp_path / "imagesTr" / "liver_1.nii").unlink()
+    (tmp_path / "imagesTr" / "liver_1.nii").symlink_to(tmp_path / "gone" / "liver_1.nii")
+    (tmp_path / "labelsTr" / "liver_2.nii").unlink()
+    (tmp_path / "labelsTr" / "liver_2.nii").mkdir()
+    (tmp_path / "imagesTs").mkdir()
+    (tmp_path / "imagesTs" / "new.nii.gz").mkdir()
+    cases = {c.case_id: c for c in discover(tmp_path).cases}
+    assert not cases["liver_0"].problems
+    (link,) = cases["liver_1"].problems
+    assert "imagesTr/liver_1.nii: the file is a symbolic link to" in link
+    assert "which does not exist" in link and "Fix: point the link at the scan" in link
+    assert cases["liver_1"].image is None and cases["liver_1"].label is not None
+    (folder,) = cases["liver_2"].problems
+    assert "labelsTr/liver_2.nii: this is a folder, not a file. Fix:" in folder
+    assert cases["liver_2"].label is None and cases["liver_2"].image is not None
+    (test,) = cases["new"].problems
+    assert "imagesTs/new.nii.gz: this is a folder" in test and cases["new"].image is None

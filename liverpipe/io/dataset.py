@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from liverpipe.errors import DatasetLayoutError
-from liverpipe.io.nifti import case_id_of, is_nifti
+from liverpipe.io.nifti import case_id_of, is_nifti, not_a_file
 
 __all__ = ["CaseFiles", "DatasetIndex", "discover", "discover_scans"]
 
@@ -96,30 +96,42 @@ def discover_scans(path: Path) -> DatasetIndex:
         )
     if (path / "imagesTr").is_dir() or (path / "dataset.json").is_file():
         return discover(path)
-    files = [
+    visible = [
         p
         for p in sorted(path.iterdir())
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_SIDE_SUFFIXES)
+        if not p.name.startswith(".") and not p.name.endswith(_SIDE_SUFFIXES)
     ]
-    cases = tuple(CaseFiles(case_id_of(p), p, None, "test") for p in files)
+    cases = tuple(
+        CaseFiles(case_id_of(p), p, None, "test")
+        if p.is_file()
+        else CaseFiles(case_id_of(p), None, None, "test", (str(not_a_file(p)),))
+        for p in visible
+        if p.is_file() or is_nifti(p)  # a folder named like a scan is diagnosed, not skipped
+    )
     return DatasetIndex(path, cases, False)
 
 
-def _nifti_files(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+def _nifti_files(folder: Path) -> tuple[dict[str, list[Path]], list[Path], set[Path]]:
+    """NIfTI-named entries of ``folder`` by case id, the entries ignored, and the
+    NIfTI-named entries that are not files (a broken link, a folder): those stay in
+    their case, whose pairing then names what is wrong with them."""
     found: dict[str, list[Path]] = {}
     ignored: list[Path] = []
+    odd: set[Path] = set()
     if not folder.is_dir():
-        return found, ignored
+        return found, ignored, odd
     # scandir's entries know their type without a stat per file (an inbox may hold 10,000).
     with os.scandir(folder) as it:
         listing = sorted((e.name, e.is_file()) for e in it)
     for name, is_file in listing:
         path = folder / name
-        if is_file and is_nifti(path):
-            found.setdefault(case_id_of(path), []).append(path)
-        else:
+        if not is_nifti(path):
             ignored.append(path)
-    return found, ignored
+            continue
+        found.setdefault(case_id_of(path), []).append(path)
+        if not is_file:
+            odd.add(path)
+    return found, ignored, odd
 
 
 def _strip_channel(
@@ -135,18 +147,24 @@ def _strip_channel(
 
 
 def _from_folders(root: Path) -> DatasetIndex:
-    labels, ignored_l = _nifti_files(root / "labelsTr")
-    images, ignored_i = _nifti_files(root / "imagesTr")
+    labels, ignored_l, odd_l = _nifti_files(root / "labelsTr")
+    images, ignored_i, odd_i = _nifti_files(root / "imagesTr")
     images = _strip_channel(images, labels)
-    tests, ignored_t = _nifti_files(root / "imagesTs")
+    tests, ignored_t, odd_t = _nifti_files(root / "imagesTs")
+    odd = odd_l | odd_i | odd_t
     cases = [
-        _pair(cid, images.get(cid, []), labels.get(cid, [])) for cid in sorted(images | labels)
+        _pair(cid, images.get(cid, []), labels.get(cid, []), odd) for cid in sorted(images | labels)
     ]
-    cases += [_single_test(cid, paths) for cid, paths in sorted(tests.items())]
+    cases += [_single_test(cid, paths, odd) for cid, paths in sorted(tests.items())]
     return DatasetIndex(root, tuple(cases), False, tuple(ignored_i + ignored_l + ignored_t))
 
 
-def _pair(case_id: str, images: list[Path], labels: list[Path]) -> CaseFiles:
+def _pair(case_id: str, images: list[Path], labels: list[Path], odd: set[Path]) -> CaseFiles:
+    unreadable = tuple(str(not_a_file(p)) for p in (*images, *labels) if p in odd)
+    if unreadable:  # the case's readable file, if any, is still checked on its own
+        image = next((p for p in images if p not in odd), None)
+        label = next((p for p in labels if p not in odd), None)
+        return CaseFiles(case_id, image, label, "train", unreadable)
     problems = []
     for kind, paths in (("image", images), ("label", labels)):
         if len(paths) > 1:
@@ -169,13 +187,15 @@ def _pair(case_id: str, images: list[Path], labels: list[Path]) -> CaseFiles:
     return CaseFiles(case_id, image, label, "train", tuple(problems))
 
 
-def _single_test(case_id: str, paths: list[Path]) -> CaseFiles:
-    problems: tuple[str, ...] = ()
+def _single_test(case_id: str, paths: list[Path], odd: set[Path]) -> CaseFiles:
+    problems = tuple(str(not_a_file(p)) for p in paths if p in odd)
     if len(paths) > 1:
-        problems = (
+        problems += (
             f"{paths[0]}: case '{case_id}' has {len(paths)} files in imagesTs/. Fix: keep exactly one.",
         )
-    return CaseFiles(case_id, paths[0], None, "test", problems)
+    return CaseFiles(
+        case_id, next((p for p in paths if p not in odd), None), None, "test", problems
+    )
 
 
 def _from_dataset_json(root: Path, spec: Path) -> DatasetIndex:
@@ -234,6 +254,8 @@ def _resolve(root: Path, spec: Path, ref: str) -> tuple[Path | None, list[str]]:
             f"{spec}: path '{ref}' points outside the data folder {root}. "
             "Fix: keep every dataset.json path inside the data folder."
         ]
+    if (root / ref).is_dir() or ((root / ref).is_symlink() and not path.exists()):
+        return None, [f"{not_a_file(root / ref)} (listed in dataset.json)"]
     if not path.is_file():
         return None, [
             f"{path}: listed in dataset.json but missing. Fix: add the file or remove the entry."

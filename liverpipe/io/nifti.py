@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -29,6 +30,7 @@ __all__ = [
     "case_id_of",
     "file_sha256",
     "is_nifti",
+    "not_a_file",
     "read_header",
     "read_voxels",
     "read_voxels_hashed",
@@ -295,11 +297,30 @@ def _proxy_float(image: nib.Nifti1Image | nib.Nifti2Image, name: str) -> float:
     return float(getattr(image.dataobj, name))
 
 
+def not_a_file(path: Path) -> InvalidScanError:
+    """The error for a scan path that is not a readable file: a broken link and a folder
+    named like a scan are named as such, not as a missing file."""
+    if path.is_symlink() and not path.exists():
+        return InvalidScanError(
+            path,
+            f"the file is a symbolic link to {os.readlink(path)}, which does not exist",
+            "point the link at the scan, or copy the scan in its place",
+        )
+    if path.is_dir():
+        return InvalidScanError(
+            path,
+            "this is a folder, not a file",
+            "put the .nii/.nii.gz file itself here (a DICOM series folder goes through "
+            "`liverpipe convert` first)",
+        )
+    if path.exists():
+        return InvalidScanError(path, "this is not a regular file", "replace it with the scan file")
+    return InvalidScanError(path, "the file does not exist", "check the path and the data folder")
+
+
 def _load_lazy(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     if not path.is_file():
-        raise InvalidScanError(
-            path, "the file does not exist", "check the path and the data folder"
-        )
+        raise not_a_file(path)
     try:
         kind = sniff(path)
     except OSError as err:
@@ -343,6 +364,12 @@ def _header_fix(message: str) -> str:
         return (
             "set scl_slope/scl_inter to finite values (1 and 0 when the data need no "
             "scaling), e.g. nibabel `img.header.set_slope_inter(1, 0)` on a copy"
+        )
+    if "w2 should be positive" in lowered or "quaternion" in lowered:
+        return (
+            "the qform quaternion (quatern_b, quatern_c, quatern_d) is not a rotation "
+            "(b^2 + c^2 + d^2 > 1); if the sform holds the real orientation set qform_code "
+            "to 0, else write the qform again (nibabel `img.set_qform(affine)` on a copy)"
         )
     if "data type" in lowered or "datatype" in lowered or "dtype" in lowered:
         return "save the scan as int16, uint16 or float32"

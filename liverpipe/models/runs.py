@@ -21,6 +21,7 @@ from liverpipe.errors import LiverpipeError
 from liverpipe.models.architectures import model_for
 from liverpipe.models.checkpoint import load_checkpoint
 from liverpipe.preprocess import ZScoreStats
+from liverpipe.roi import relative_gain
 from liverpipe.rundir import RUN_RECORD, RunResult, StageDir, resolve_run
 from liverpipe.settings import PreprocessConfig, TrainConfig, TumourConfig
 
@@ -62,7 +63,9 @@ class Run:
     @property
     def gain(self) -> float:
         """Stored units -> the tumour stage's liver-relative units."""
-        return hu_per_unit(self.preprocess, self.zscore) / self.train.relative_window_hu
+        return relative_gain(
+            hu_per_unit(self.preprocess, self.zscore), self.train.relative_window_hu
+        )
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> Run:

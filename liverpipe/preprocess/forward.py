@@ -204,14 +204,20 @@ def _forward_case(
     )
     source = data if keep_source else None
     del data, canonical
-    label, label_sha, label_outside = None, None, None
+    label, label_sha, label_outside, label_voxels = None, None, None, None
     warnings = list(image_info.warnings)
     if label_info is not None:
-        label, label_sha, label_outside = _forward_label(
+        label, label_sha, label_outside, label_voxels = _forward_label(
             label_info, geometry, model_grid, window, config
         )
         warnings += label_info.warnings
-    fov = FovReport(body_outside, label_outside, needed_size(body, geometry, grid))
+    fov = FovReport(
+        body_outside,
+        label_outside,
+        needed_size(body, geometry, grid),
+        label_voxels,
+        body.columns is not None,
+    )
     warnings += fov_findings(image_info.path, fov, config, limits)
     stats = hu_statistics(hu, label, config.body_threshold_hu)
     stored, intensity = normalise(hu, config, zscore)
@@ -239,16 +245,19 @@ def _forward_label(
     grid: Grid,
     window: tuple[float, float, float, float],
     config: PreprocessConfig,
-) -> tuple[np.ndarray, str, float]:
-    """The label on ``grid`` (uint8), its file hash and its fraction outside ``window``."""
+) -> tuple[np.ndarray, str, float, int]:
+    """The label on ``grid`` (uint8), its file hash, its fraction outside ``window`` and
+    its count of labelled voxels on the scan's grid."""
     data, sha = read_voxels_hashed(info)
     check_label_values(info.path, data)
     data = data.astype(np.uint8, copy=False)  # validated 0/1/2: free float labels now
     canonical = canonical_view(data, geometry)
-    outside = fraction_outside(label_columns(canonical), window)
+    columns = label_columns(canonical)
+    outside, voxels = fraction_outside(columns, window), int(columns.sum())
     cropped = crop_to_labels(canonical, geometry.canonical_affine)
     del data, canonical  # only the labelled part is kept from here on
     if cropped is None:
-        return np.zeros(grid.shape, dtype=np.uint8), sha, outside
+        return np.zeros(grid.shape, dtype=np.uint8), sha, outside, voxels
     crop, affine = cropped
-    return resample_label(crop, affine, grid, config.label_interpolation), sha, outside
+    resampled = resample_label(crop, affine, grid, config.label_interpolation)
+    return resampled, sha, outside, voxels

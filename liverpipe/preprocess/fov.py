@@ -44,18 +44,24 @@ class FovReport:
 
     ``body_outside`` is the fraction of body voxels (counted on the subsampled body mask)
     outside the crop, ``label_outside`` that of labelled voxels (None without a label);
-    ``needed_size`` is the (Y, X) slice size that would hold the whole body.
+    ``needed_size`` is the (Y, X) slice size that would hold the whole body;
+    ``label_voxels`` counts the label's non-zero voxels on the scan's grid (None without
+    a label); ``body_found`` is False when no voxel exceeds the body threshold.
     """
 
     body_outside: float
     label_outside: float | None
     needed_size: tuple[int, int]
+    label_voxels: int | None = None
+    body_found: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
             "body_outside": round(self.body_outside, 6),
             "label_outside": None if self.label_outside is None else round(self.label_outside, 6),
             "needed_slice_size": list(self.needed_size),
+            "label_voxels": self.label_voxels,
+            "body_found": self.body_found,
         }
 
 
@@ -178,6 +184,20 @@ def fov_findings(
         if limits.label_outside_crop == "refuse":
             raise InvalidScanError(path, problem, fix)
         found.append(f"{path}: {problem}. Fix: {fix}.")
+    if not fov.body_found:
+        found.append(
+            f"{path}: no voxel is above {config.body_threshold_hu:g} HU ([preprocess] "
+            "body_threshold_hu), so the scan shows no body: it is blank, or its values are "
+            "not HU. Fix: check the export (a CT in HU has tissue between -100 and 100 HU "
+            "and air near -1000)."
+        )
+    if fov.label_voxels == 0:
+        found.append(
+            f"{path}: its label marks no voxel as liver or tumour (all background), so the "
+            "case teaches the models that this scan shows no liver. Fix: check that the "
+            "label file belongs to this scan and was exported with its segments; keep it "
+            "only if the scan really shows no liver."
+        )
     if fov.body_outside > 0:
         found.append(
             f"{path}: {fov.body_outside:.2%} of the body lies outside the stored {size} "

@@ -189,7 +189,14 @@ def check_case(
         body, geometry, grid = coverage
         window = crop_window(geometry, grid)
         outside = None if label_columns_ is None else fraction_outside(label_columns_, window)
-        fov = FovReport(body.fraction_outside(window), outside, needed_size(body, geometry, grid))
+        voxels = None if label_columns_ is None else int(label_columns_.sum())
+        fov = FovReport(
+            body.fraction_outside(window),
+            outside,
+            needed_size(body, geometry, grid),
+            voxels,
+            body.columns is not None,
+        )
         found = _guard(errors, fov_findings, image.path, fov, preprocess, limits)
         warnings += found or []
     return CaseReport(

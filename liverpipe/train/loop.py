@@ -343,8 +343,9 @@ def train(
     best = run.best if run.best >= 0 else math.nan
     threshold: float | None = None
     candidates: dict[str, float] = {}
+    seed = TUMOUR_SEED  # the lesion seed that prediction applies by default
     if dist.main and stage == "tumour" and val_ids:
-        threshold, candidates = _tune(run, run_dir, store, val_ids, cfg)
+        threshold, candidates = _tune(run, run_dir, store, val_ids, cfg, seed)
     if dist.main:
         RunResult(
             steps=run.step,
@@ -359,7 +360,7 @@ def train(
             ),
             tumour_threshold=threshold,
             thresholds_tried=dict(candidates),
-            threshold_seed=TUMOUR_SEED if candidates else None,
+            threshold_seed=seed if candidates else None,
         ).write(folder)
     return TrainResult(run_dir, run.step, best, loss)
 
@@ -381,15 +382,20 @@ def _cases(
 
 
 def _tune(
-    run: _Run, run_dir: Path, store: SliceStore, val_ids: list[str], cfg: TrainConfig
+    run: _Run,
+    run_dir: Path,
+    store: SliceStore,
+    val_ids: list[str],
+    cfg: TrainConfig,
+    seed: float,
 ) -> tuple[float | None, dict[str, float]]:
     """The tumour threshold of the checkpoint that predicts (best.pt), tuned on val with
-    prediction's default lesion seed."""
+    the lesion seed ``seed``."""
     device = next(run.model.parameters()).device
     best = StageDir(run_dir).best
     if best.is_file():
         run.model.load_state_dict(load_checkpoint(best)["model"])
-    return tune_threshold(run.model, store, val_ids, cfg, device, TUMOUR_SEED)
+    return tune_threshold(run.model, store, val_ids, cfg, device, seed)
 
 
 def _check_sizes(store: SliceStore, cfg: TrainConfig) -> None:

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from liverpipe.labels import Label
-from liverpipe.roi import Box, grow, liver_box, liver_median, margin_voxels, relative
+from liverpipe.roi import (
+    Box,
+    grow,
+    liver_box,
+    liver_median,
+    margin_voxels,
+    relative,
+    relative_gain,
+)
 from liverpipe.settings import TrainConfig
 from storage import CaseReader, SliceStore
 
@@ -351,7 +359,9 @@ def _roi_case(
     decoded = image[region.slices].astype(np.float32) * t.stored_scale + t.stored_offset
     labels = label[region.slices]
     median = liver_median(decoded, labels > 0)
-    rel = relative(decoded, median, t.hu_scale / cfg.relative_window_hu, cfg.relative_clip)
+    rel = relative(
+        decoded, median, relative_gain(t.hu_scale, cfg.relative_window_hu), cfg.relative_clip
+    )
     tumour_yx = [np.argwhere(label[z] == Label.TUMOUR) for z in range(roi.z0, roi.z1)]
     return _RoiCase(
         torch.from_numpy(rel).to(device),

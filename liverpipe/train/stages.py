@@ -28,7 +28,7 @@ from liverpipe.infer import (
     predict_probabilities,
     tumour_stage,
 )
-from liverpipe.roi import liver_box
+from liverpipe.roi import liver_box, relative_gain
 from liverpipe.settings import TUMOUR_SEED, TrainConfig
 from liverpipe.train.sampling import (
     ResidentSource,
@@ -167,7 +167,7 @@ def _oracle_roi(
         [model],
         cfg.context_slices,
         margin_mm=cfg.roi_margin_mm,
-        gain=meta.intensity.hu_scale / cfg.relative_window_hu,
+        gain=relative_gain(meta.intensity.hu_scale, cfg.relative_window_hu),
         clip=cfg.relative_clip,
     )
     result = tumour_stage(oracle, decoded, meta.spacing, stage, device)

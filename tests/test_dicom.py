@@ -97,6 +97,10 @@ def _set(name: str, value: object) -> Callable[[int, pydicom.Dataset], None]:
     return edit
 
 
+def _drop_rescale(_: int, ds: pydicom.Dataset) -> None:
+    del ds.RescaleSlope, ds.RescaleIntercept
+
+
 def _tilt(i: int, ds: pydicom.Dataset) -> None:
     x, y, z = (float(v) for v in ds.ImagePositionPatient)
     ds.ImagePositionPatient = [x, y + 0.5 * i, z]  # each slice shifted along y: gantry tilt
@@ -118,8 +122,22 @@ def _rotate_one(i: int, ds: pydicom.Dataset) -> None:
         (_tilt, "gantry tilt"),
         (_set("Modality", "MR"), "is MR, not CT"),
         (lambda i, ds: i < 2, "2 slice\\(s\\), fewer than the 3 needed"),
+        (_set("ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]), "is a localizer \\(scout"),
+        (_drop_rescale, "20 slice\\(s\\) lack RescaleSlope or RescaleIntercept"),
+        (_set("PixelSpacing", [0, 0]), "PixelSpacing is \\[0.0, 0.0\\] mm"),
+        (_set("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "not two orthogonal unit"),
     ],
-    ids=["missing-slice", "mixed-orientation", "gantry-tilt", "not-ct", "too-few"],
+    ids=[
+        "missing-slice",
+        "mixed-orientation",
+        "gantry-tilt",
+        "not-ct",
+        "too-few",
+        "localizer",
+        "no-rescale",
+        "zero-spacing",
+        "parallel-axes",
+    ],
 )
 def test_a_bad_series_is_refused_with_its_problem_and_fix(
     real_series: Path,
@@ -163,6 +181,51 @@ def test_undecodable_pixel_data_names_the_transfer_syntax(
     (series,) = find_series(folder)
     with pytest.raises(InvalidScanError, match="transfer syntax MPEG2"):
         read_series(series)
+
+
+@pytest.mark.parametrize("damage", ["cut", "no-pixels"])
+def test_a_damaged_slice_is_named_not_blamed_on_the_transfer_syntax(
+    real_series: Path, tmp_path: Path, damage: str
+) -> None:
+    """A slice cut short (a copy that stopped) or without pixel data makes the decoder
+    fail; the error names that file instead of suggesting another transfer syntax."""
+    folder = _copy(real_series, tmp_path / damage, lambda i, ds: ds.decompress())
+    victim = sorted(folder.iterdir())[7]
+    if damage == "cut":
+        victim.write_bytes(victim.read_bytes()[:-200_000])
+        expected = f"{victim.name} is cut short: its pixel data holds"
+    else:
+        ds = pydicom.dcmread(victim)
+        del ds.PixelData
+        ds.save_as(victim)
+        expected = f"{victim.name} has no pixel data"
+    (series,) = find_series(folder)
+    with pytest.raises(InvalidScanError, match=expected) as err:
+        read_series(series)
+    assert "transfer syntax" not in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_a_dicomdir_and_a_report_beside_the_slices_are_passed_over(
+    real_series: Path, tmp_path: Path
+) -> None:
+    """An exported study folder holds more than slices: a DICOMDIR and non-image objects
+    (here a structured report) are not taken for slices without geometry."""
+    folder = _copy(real_series, tmp_path / "study", lambda i, ds: None)
+    meta = pydicom.dataset.FileMetaDataset()
+    for name, sop_class in (
+        ("DICOMDIR", "1.2.840.10008.1.3.10"),
+        ("report.dcm", "1.2.840.10008.5.1.4.1.1.88.11"),  # Basic Text SR
+    ):
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.Modality = sop_class, "SR"
+        ds.save_as(folder / name, enforce_file_format=True)
+    (series,) = find_series(folder)
+    assert len(series.files) == 20
+    assert np.asarray(read_series(series).dataobj).shape == (512, 512, 20)
 
 
 def test_a_folder_without_dicom_is_refused(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ TILT_TOLERANCE_MM = 0.01
 GAP_TOLERANCE = 0.1
 
 _PREAMBLE, _DICM = 128, b"DICM"
+#: Media Storage Directory Storage: a DICOMDIR, an index of a medium, not an image.
+_DICOMDIR = "1.2.840.10008.1.3.10"
 #: Slices closer than this along the slice normal sit at one position (duplicates).
 _SAME_POSITION_MM = 1e-3
 
@@ -64,6 +66,8 @@ class DicomSeries:
     shape: tuple[int, int]  # (columns, rows)
     modality: str
     transfer_syntax: str
+    image_type: tuple[str, ...] = ()  # ImageType of the first slice, e.g. ORIGINAL, PRIMARY, AXIAL
+    unscaled: tuple[str, ...] = ()  # files without RescaleSlope or RescaleIntercept
 
     @property
     def name(self) -> str:
@@ -101,7 +105,8 @@ def find_series(folder: Path) -> list[DicomSeries]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError):
             continue
-        headers.append((path, ds))
+        if _is_image(path, ds):
+            headers.append((path, ds))
     if not headers:
         raise InvalidScanError(
             folder,
@@ -112,6 +117,16 @@ def find_series(folder: Path) -> list[DicomSeries]:
     for path, ds in headers:
         groups[_group_key(ds)].append((path, ds))
     return [_series(folder, members) for _, members in sorted(groups.items())]
+
+
+def _is_image(path: Path, ds: pydicom.Dataset) -> bool:
+    """Whether a DICOM file is an image slice. A DICOMDIR, a structured report, a
+    presentation state or a key-object note in an exported study folder is not one (it
+    has no Rows), and is passed over rather than taken for a slice without geometry."""
+    meta = ds.get("file_meta", pydicom.Dataset())
+    if path.name.upper() == "DICOMDIR" or str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR:
+        return False
+    return "Rows" in ds
 
 
 def _group_key(ds: pydicom.Dataset) -> str:
@@ -142,6 +157,8 @@ def _series(folder: Path, members: list[tuple[Path, pydicom.Dataset]]) -> DicomS
                 "export the series again from the scanner or PACS with its geometry tags",
             )
     orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in members])
+    pixel = [float(v) for v in first.PixelSpacing]  # (between rows, between columns)
+    _check_plane(where, members[0][0].name, orientations[0], pixel)
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise InvalidScanError(
             where,
@@ -155,7 +172,6 @@ def _series(folder: Path, members: list[tuple[Path, pydicom.Dataset]]) -> DicomS
     order = np.argsort(positions @ normal, kind="stable")
     members = [members[i] for i in order]
     positions = positions[order]
-    pixel = [float(v) for v in first.PixelSpacing]  # (between rows, between columns)
     meta = first.get("file_meta", pydicom.Dataset())
     syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
     return DicomSeries(
@@ -169,7 +185,31 @@ def _series(folder: Path, members: list[tuple[Path, pydicom.Dataset]]) -> DicomS
         shape=(int(first.Columns), int(first.Rows)),
         modality=str(first.get("Modality", "") or ""),
         transfer_syntax=syntax,
+        image_type=tuple(str(v).upper() for v in (first.get("ImageType") or ())),
+        unscaled=tuple(
+            p.name for p, ds in members if "RescaleSlope" not in ds or "RescaleIntercept" not in ds
+        ),
     )
+
+
+def _check_plane(where: Path, name: str, orientation: np.ndarray, pixel: list[float]) -> None:
+    """Refuse a pixel spacing that is not positive and finite, or row and column
+    directions that are not orthogonal unit vectors: the slice has no usable geometry."""
+    if len(pixel) != 2 or not all(np.isfinite(pixel)) or min(pixel) <= 0:  # noqa: PLR2004
+        raise InvalidScanError(
+            where,
+            f"PixelSpacing is {pixel} mm (e.g. {name}); it must be two positive sizes",
+            "export the series again from the scanner or PACS with its real pixel spacing",
+        )
+    row, column = orientation[:3], orientation[3:]
+    unit = np.allclose([np.linalg.norm(row), np.linalg.norm(column)], 1.0, atol=1e-3)
+    if len(orientation) != 6 or not unit or abs(float(row @ column)) > 1e-3:  # noqa: PLR2004
+        raise InvalidScanError(
+            where,
+            f"ImageOrientationPatient {[round(float(v), 4) for v in orientation]} (e.g. "
+            f"{name}) is not two orthogonal unit directions",
+            "export the series again from the scanner or PACS with its real orientation",
+        )
 
 
 def check(series: DicomSeries, limits: CheckConfig | None = None) -> float:
@@ -186,6 +226,23 @@ def check(series: DicomSeries, limits: CheckConfig | None = None) -> float:
             where,
             f"the series is {series.modality or 'of unknown modality'}, not CT (Modality tag)",
             "liverpipe segments CT only; pass the CT series of the study",
+        )
+    if "LOCALIZER" in series.image_type:
+        raise InvalidScanError(
+            where,
+            f"the series is a localizer (scout: ImageType {'/'.join(series.image_type)}), "
+            "not a CT volume",
+            "pass the study's axial CT series; the localizer can stay beside it, where this "
+            "message only names it",
+        )
+    if series.unscaled:
+        raise InvalidScanError(
+            where,
+            f"{len(series.unscaled)} slice(s) lack RescaleSlope or RescaleIntercept (e.g. "
+            f"{series.unscaled[0]}), which a CT image carries to turn its stored values "
+            "into HU",
+            "export the series again with its rescale tags; if the stored values already "
+            "are HU, set RescaleSlope 1 and RescaleIntercept 0",
         )
     n = len(series.files)
     if n < limits.min_slices:
@@ -236,6 +293,11 @@ def read_series(series: DicomSeries, limits: CheckConfig | None = None) -> nib.N
     try:
         image = sitk.ReadImage([str(p) for p in series.files])
     except RuntimeError as err:
+        damaged = _damaged_slice(series)
+        if damaged:
+            raise InvalidScanError(
+                series.folder, damaged, "export or copy the series again: the file is damaged"
+            ) from err
         syntax = series.transfer_syntax
         name = pydicom.uid.UID(syntax).name if syntax else "unknown"
         raise InvalidScanError(
@@ -268,6 +330,26 @@ def read_series(series: DicomSeries, limits: CheckConfig | None = None) -> nib.N
     out.set_qform(affine, code=1)
     out.header.set_xyzt_units("mm")
     return out
+
+
+def _damaged_slice(series: DicomSeries) -> str | None:
+    """What is wrong with the first slice whose pixel data is missing or cut short, or
+    None when every slice holds its pixel data (then the decoder is the problem)."""
+    for path in series.files:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as err:  # pydicom raises many types on a cut file
+            return f"{path.name} cannot be read to its end ({type(err).__name__}: {err})"
+        if "PixelData" not in ds:
+            return f"{path.name} has no pixel data (PixelData element)"
+        if ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian).is_compressed:
+            continue
+        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+        need *= int(ds.get("BitsAllocated", 16)) // 8
+        have = len(ds.PixelData)
+        if have < need:
+            return f"{path.name} is cut short: its pixel data holds {have} of {need} bytes"
+    return None
 
 
 def write_nifti(series: DicomSeries, out: Path, limits: CheckConfig | None = None) -> Path:

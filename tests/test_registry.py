@@ -375,3 +375,14 @@ def test_repredict_on_promotion_keeps_both_versions(
     ]
     current = json.loads((outputs / "late.json").read_text())
     assert current["model_version"]["run_ids"] == [second]
+
+
+def test_a_missing_runs_folder_is_named_as_such(tmp_path: Path) -> None:
+    """A mistyped --runs is 'no runs folder here', not 'no champion' in a registry that
+    does not exist."""
+    from liverpipe.errors import LiverpipeError
+    from liverpipe.ops import champion_models
+
+    with pytest.raises(LiverpipeError, match="there is no runs folder here") as err:
+        champion_models(tmp_path / "runz")
+    assert str(tmp_path / "runz") in str(err.value) and "Fix:" in str(err.value)

@@ -73,6 +73,13 @@ def score(predictor: Predictor, store: SliceStore, cases: Sequence[str]) -> dict
 
 def champion_models(root: Path, key: str = ENSEMBLE) -> list[Path]:
     """The model folders of ``key``'s champion: every model of its run for the ensemble."""
+    if not Path(root).is_dir():
+        raise LiverpipeError(
+            root,
+            "there is no runs folder here",
+            "pass the folder `liverpipe train-all --out` wrote (--runs), or name the "
+            "models with --model",
+        )
     registry = Registry.load(root)
     run_id = registry.champions.get(key)
     if run_id is None:

@@ -175,7 +175,7 @@ def test_an_empty_label_and_a_blank_scan_are_flagged(tiny_case: Path) -> None:
     result = runner.invoke(app, ["check", str(tiny_case), "--json"])
     reports = {r["case_id"]: r for r in json.loads(result.stdout)}
     (empty,) = reports["case_a"]["warnings"]
-    assert "imagesTr/case_a.nii.gz: its label marks no voxel as liver or tumour" in empty
+    assert "labelsTr/case_a.nii.gz: the label marks no voxel as liver or tumour" in empty
     assert reports["case_a"]["fov"]["label_voxels"] == 0
     (blank,) = reports["case_b"]["warnings"]
     assert "imagesTr/case_b.nii.gz: no voxel is above -500 HU" in blank and "Fix:" in blank

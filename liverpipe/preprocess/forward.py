@@ -218,7 +218,8 @@ def _forward_case(
         label_voxels,
         body.columns is not None,
     )
-    warnings += fov_findings(image_info.path, fov, config, limits)
+    label_path = label_info.path if label_info is not None else None
+    warnings += fov_findings(image_info.path, fov, config, limits, label_path)
     stats = hu_statistics(hu, label, config.body_threshold_hu)
     stored, intensity = normalise(hu, config, zscore)
     return ForwardCase(

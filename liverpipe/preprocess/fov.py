@@ -165,10 +165,14 @@ def _padded_range(lo: int, hi: int) -> tuple[int, int]:
 
 
 def fov_findings(
-    path: Path, fov: FovReport, config: PreprocessConfig, limits: CheckConfig
+    path: Path,
+    fov: FovReport,
+    config: PreprocessConfig,
+    limits: CheckConfig,
+    label_path: Path | None = None,
 ) -> list[str]:
-    """Warnings about the crop; raises when labelled voxels would be lost and the policy
-    is to refuse."""
+    """Warnings about the crop, a blank scan and an empty label (named by ``label_path``);
+    raises when labelled voxels would be lost and the policy is to refuse."""
     needed = f"{fov.needed_size[0]} x {fov.needed_size[1]}"
     size = f"{config.slice_size[0]} x {config.slice_size[1]}"
     found = []
@@ -193,10 +197,10 @@ def fov_findings(
         )
     if fov.label_voxels == 0:
         found.append(
-            f"{path}: its label marks no voxel as liver or tumour (all background), so the "
-            "case teaches the models that this scan shows no liver. Fix: check that the "
-            "label file belongs to this scan and was exported with its segments; keep it "
-            "only if the scan really shows no liver."
+            f"{label_path or path}: the label marks no voxel as liver or tumour (all "
+            f"background), so the case teaches the models that {path.name} shows no liver. "
+            "Fix: check that the label file belongs to this scan and was exported with its "
+            "segments; keep it only if the scan really shows no liver."
         )
     if fov.body_outside > 0:
         found.append(

@@ -197,7 +197,8 @@ def check_case(
             voxels,
             body.columns is not None,
         )
-        found = _guard(errors, fov_findings, image.path, fov, preprocess, limits)
+        label_path = label.path if label is not None else None
+        found = _guard(errors, fov_findings, image.path, fov, preprocess, limits, label_path)
         warnings += found or []
     return CaseReport(
         case.case_id,

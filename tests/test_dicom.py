@@ -97,6 +97,15 @@ def _set(name: str, value: object) -> Callable[[int, pydicom.Dataset], None]:
     return edit
 
 
+def _resize_one(i: int, ds: pydicom.Dataset) -> None:
+    """One series (a UID) with one slice stored at 256 x 256."""
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    if i == 7:
+        ds.decompress()
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::2, ::2]).tobytes()
+        ds.Rows, ds.Columns = 256, 256
+
+
 def _drop_rescale(_: int, ds: pydicom.Dataset) -> None:
     del ds.RescaleSlope, ds.RescaleIntercept
 
@@ -126,6 +135,7 @@ def _rotate_one(i: int, ds: pydicom.Dataset) -> None:
         (_drop_rescale, "20 slice\\(s\\) lack RescaleSlope or RescaleIntercept"),
         (_set("PixelSpacing", [0, 0]), "PixelSpacing is \\[0.0, 0.0\\] mm"),
         (_set("ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "not two orthogonal unit"),
+        (_resize_one, "different matrix sizes 256 x 256 and 512 x 512"),
     ],
     ids=[
         "missing-slice",
@@ -137,6 +147,7 @@ def _rotate_one(i: int, ds: pydicom.Dataset) -> None:
         "no-rescale",
         "zero-spacing",
         "parallel-axes",
+        "mixed-sizes",
     ],
 )
 def test_a_bad_series_is_refused_with_its_problem_and_fix(

@@ -166,6 +166,19 @@ def _series(folder: Path, members: list[tuple[Path, pydicom.Dataset]]) -> DicomS
             "they are not one stack",
             "separate the series (one folder per series, or per orientation)",
         )
+    sizes = sorted({(int(ds.Columns), int(ds.Rows)) for _, ds in members})
+    spacings = sorted({tuple(round(float(v), 4) for v in ds.PixelSpacing) for _, ds in members})
+    if len(sizes) > 1 or len(spacings) > 1:
+        what = (
+            f"matrix sizes {' and '.join(f'{c} x {r}' for c, r in sizes)}"
+            if len(sizes) > 1
+            else f"pixel spacings {' and '.join(str(list(s)) for s in spacings)} mm"
+        )
+        raise InvalidScanError(
+            where,
+            f"the slices of one series have different {what}, so they are not one stack",
+            "export the series again; keep reformatted or resized images in their own folder",
+        )
     row, column = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row, column)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in members])

@@ -422,3 +422,23 @@ def test_largest_cases_are_submitted_first(tmp_path: Path) -> None:
         write_nifti(data / "labelsTr" / f"{cid}.nii", label)
     work = plan(data, tmp_path / "store.zarr", {}, Settings(), "h", None)
     assert [j.case_id for j in work.todo] == ["c2", "c3", "c1"]
+
+
+def test_a_lone_case_or_two_always_leave_one_to_train_on() -> None:
+    """One or two cases whose hashes fall in val or test: one of them is a train case
+    all the same (a store of one case could not train a model); an existing split never
+    moves; with 3+ cases val and test are filled from the others."""
+    fractions = (0.7, 0.15, 0.15)
+    not_train = [
+        f"c{i}" for i in range(500) if assign_split(f"c{i}", fractions, "liverpipe") != "train"
+    ]
+    assert assign_splits(not_train[:1], {}, fractions, "liverpipe") == {not_train[0]: "train"}
+    two = assign_splits(not_train[:2], {}, fractions, "liverpipe")
+    assert sorted(two.values()).count("train") == 1
+    three = assign_splits(not_train[:3], {}, fractions, "liverpipe")
+    assert sorted(three.values()) == ["test", "train", "val"]
+    kept = assign_splits(not_train[1:2], {not_train[0]: "val"}, fractions, "liverpipe")
+    assert kept == {not_train[1]: "train"}  # the new case trains; the old one stays in val
+    assert assign_splits(not_train[:1], {}, (0.0, 0.5, 0.5), "liverpipe") != {
+        not_train[0]: "train"
+    }  # a zero train share is respected

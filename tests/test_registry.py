@@ -386,3 +386,33 @@ def test_a_missing_runs_folder_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(LiverpipeError, match="there is no runs folder here") as err:
         champion_models(tmp_path / "runz")
     assert str(tmp_path / "runz") in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_a_broken_link_in_the_inbox_fails_once_and_the_other_scans_go_on(
+    phantom_dir: Path, tiny_runs_root: Path, tmp_path: Path
+) -> None:
+    """A dangling symbolic link in INBOX/imagesTs stopped every ingest tick (stat raised).
+    Now it is one failed case, named, recorded and not retried; once its target exists
+    it is predicted."""
+    from liverpipe.ops import champion, predict_pending, unlabelled_scans
+
+    runs, out, inbox = tmp_path / "runs", tmp_path / "outputs", tmp_path / "inbox"
+    copy_runs(tiny_runs_root, runs)
+    (inbox / "imagesTs").mkdir(parents=True)
+    scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    suffix = ".nii.gz" if scan.name.endswith(".gz") else ".nii"
+    shutil.copy(scan, inbox / "imagesTs" / f"good{suffix}")
+    target = tmp_path / "mount" / f"late{suffix}"
+    (inbox / "imagesTs" / f"late{suffix}").symlink_to(target)
+    best = champion(runs)
+    scans = unlabelled_scans(inbox)
+    todo, _ = to_predict(scans, Ledger(), best)
+    assert sorted(p.case_id for p in todo) == ["good", "late"]
+    predicted, failed = predict_pending(todo, Ledger(), runs, out, tta=False)
+    assert predicted == ["good"], failed
+    assert "a symbolic link to" in failed["late"] and "which does not exist" in failed["late"]
+    assert to_predict(scans, Ledger.load(out), best) == ([], [])  # not retried
+    target.parent.mkdir()
+    shutil.copy(scan, target)
+    todo, _ = to_predict(scans, Ledger.load(out), best)
+    assert [(p.case_id, p.reason) for p in todo] == [("late", "changed")]

@@ -489,3 +489,27 @@ def test_train_all_on_the_cpu_runs_jobs_side_by_side_with_a_share_of_the_cores(
         assert recorded[section]["resident_budget_gb"] == settings.train.resident_budget_gb / 2
         assert recorded["stage"] == outcome.stage
         assert (outcome.run_dir / "train.log").is_file()  # a child process trained it
+
+
+def test_a_store_without_train_cases_is_refused_once_before_any_job(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    """train-all checks the store before it makes a run folder and starts six jobs that
+    would each fail with the same error; a lone new case is a train case."""
+    from liverpipe.errors import LiverpipeError
+    from liverpipe.preprocess import preprocess_dataset, serial_runner
+    from liverpipe.train import start_run
+
+    one = tmp_path / "one"
+    for folder in ("imagesTr", "labelsTr"):
+        (one / folder).mkdir(parents=True)
+        first = sorted((phantom_dir / folder).iterdir())[0]
+        (one / folder / first.name).symlink_to(first)
+    tiny = REPO / "configs" / "tiny.toml"
+    for fractions, store in (((0.7, 0.15, 0.15), "a.zarr"), ((0.0, 0.5, 0.5), "b.zarr")):
+        settings = load_settings(tiny, {"preprocess": {"split_fractions": fractions}})
+        preprocess_dataset(one, tmp_path / store, settings, serial_runner)
+    assert len(SliceStore.open(tmp_path / "a.zarr").cases("train")) == 1
+    with pytest.raises(LiverpipeError, match="the store has no train cases") as err:
+        start_run(tmp_path / "runs", tmp_path / "b.zarr", load_settings(tiny))
+    assert "Fix:" in str(err.value) and not (tmp_path / "runs").exists()

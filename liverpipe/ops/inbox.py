@@ -19,6 +19,7 @@ Nothing here imports torch until a scan is to be predicted: the no-op tick stays
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -97,8 +98,8 @@ def inbox_cases(store: SliceStore, inbox: Path) -> set[str]:
 
 def unlabelled_scans(inbox: Path) -> list[Path]:
     """The NIfTI files of ``INBOX/imagesTs`` and its sub-folders (each a DICOM series, or
-    a folder of them), sorted. Nothing is read: a folder that holds no series fails
-    once, when it is predicted, and is recorded so."""
+    a folder of them), sorted. Nothing is read: a folder that holds no series, or a link
+    to a file that does not exist, fails once, when it is predicted, and is recorded so."""
     folder = Path(inbox) / "imagesTs"
     if not folder.is_dir():
         return []
@@ -107,12 +108,29 @@ def unlabelled_scans(inbox: Path) -> list[Path]:
     )
 
 
-def _identity(scan: Path) -> list[int]:
-    return folder_identity(scan) if scan.is_dir() else FileIdentity.of(scan).to_list()
+def _identity(scan: Path) -> list[int] | None:
+    """The scan's identity; for a link whose target is missing, the link's own (so that
+    its failure is recorded once, and a fixed link is seen); None when it is gone."""
+    try:
+        return folder_identity(scan) if scan.is_dir() else FileIdentity.of(scan).to_list()
+    except OSError:
+        try:
+            st = os.lstat(scan)
+        except OSError:
+            return None  # removed since the folder was listed: the next tick sees it
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _sha256(scan: Path) -> str:
-    """A file's sha256, or for a folder the sha256 of its files' names and hashes."""
+    """A file's sha256, or for a folder the sha256 of its files' names and hashes; "" for
+    a scan that cannot be read (its prediction then fails, naming why, once)."""
+    try:
+        return _content_sha256(scan)
+    except OSError:
+        return ""
+
+
+def _content_sha256(scan: Path) -> str:
     if not scan.is_dir():
         return file_sha256(scan)
     digest = hashlib.sha256()
@@ -171,6 +189,8 @@ def to_predict(
     for scan in scans:
         case_id = scan.name if scan.is_dir() else case_id_of(scan)
         identity = _identity(scan)
+        if identity is None:
+            continue
         entry = ledger.entries.get(case_id)
         recorded = {"image": entry["identity"]} if entry and entry.get("identity") else None
         trusted = (

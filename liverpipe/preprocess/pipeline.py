@@ -76,23 +76,25 @@ def assign_splits(
 ) -> dict[str, Split]:
     """Splits for new cases, never moving an ``existing`` one.
 
-    Each new case takes its hash split (:func:`assign_split`). Then, once there are 3 or
-    more cases, a val or test split that is still empty (and has a non-zero fraction)
-    takes one new case from a split that keeps at least one case: the one whose hash is
-    nearest that split's band. So small datasets always have a case to validate and one
-    to test on, and a case never changes split when more cases arrive.
+    Each new case takes its hash split (:func:`assign_split`). An empty split then takes
+    one new case, the one whose hash is nearest that split's band: train first, whatever
+    the number of cases (one case alone is a train case, so that a model can be trained),
+    then, once there are 3 or more cases, val and test (those with a non-zero fraction),
+    each from a split that keeps at least one case. So small datasets always have a case
+    to train on, one to validate and one to test on, and a case never changes split when
+    more cases arrive.
     """
     out = {cid: assign_split(cid, fractions, salt) for cid in sorted(new_ids)}
-    if len(existing) + len(out) < len(SPLITS):
-        return out
-    targets: tuple[tuple[int, Split], ...] = ((1, "val"), (2, "test"))
+    targets: list[tuple[int, Split]] = [(0, "train")]
+    if len(existing) + len(out) >= len(SPLITS):
+        targets += [(1, "val"), (2, "test")]
     for index, split in targets:
         counts = Counter([*existing.values(), *out.values()])
         if fractions[index] == 0 or counts[split]:
             continue
         band = (sum(fractions[:index]), sum(fractions[: index + 1]))
         middle = (band[0] + band[1]) / 2
-        movable = [c for c in out if counts[out[c]] > 1]
+        movable = [c for c in out if split == "train" or counts[out[c]] > 1]
         if movable:
             chosen = min(movable, key=lambda c: (abs(_split_u(c, salt) - middle), c))
             out[chosen] = split

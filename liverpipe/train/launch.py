@@ -41,7 +41,7 @@ from liverpipe._system import available_cpus
 from liverpipe.models import MODELS
 from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
 from liverpipe.settings import Settings, Stage
-from liverpipe.train.loop import TrainResult, train
+from liverpipe.train.loop import TrainResult, require_train_cases, train
 from storage import SliceStore
 
 __all__ = [
@@ -142,6 +142,7 @@ def start_run(
             return latest
     store = SliceStore.open(store_path)
     cases = {split: store.cases(split) for split in ("train", "val", "test")}
+    require_train_cases(store_path, cases["train"])  # once, before six jobs fail alike
     recorded = settings.model_dump(mode="json")
     run_id = new_run_id(recorded, cases)
     folder = runs_root / run_id

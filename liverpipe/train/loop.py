@@ -287,12 +287,7 @@ def train(
     dist = _Dist.from_env()
     store = SliceStore.open(store_path)
     train_ids, val_ids = _cases(store, cases)
-    if not train_ids:
-        raise LiverpipeError(
-            store_path,
-            "the store has no train cases",
-            "preprocess more cases (splits are 70/15/15 by case)",
-        )
+    require_train_cases(store_path, train_ids)
     device = dist.device()
     if not val_ids and dist.main:
         _log.warning(
@@ -363,6 +358,18 @@ def train(
             threshold_seed=seed if candidates else None,
         ).write(folder)
     return TrainResult(run_dir, run.step, best, loss)
+
+
+def require_train_cases(store_path: Path, train_ids: Sequence[str]) -> None:
+    """Refuse to train without a train case, naming the store and the fix."""
+    if not train_ids:
+        raise LiverpipeError(
+            store_path,
+            "the store has no train cases",
+            "preprocess more cases, or give train a share in [preprocess] split_fractions "
+            "(stores made before 2026-11-29 could put a lone case in val: preprocess it "
+            "into a new store)",
+        )
 
 
 def _cases(

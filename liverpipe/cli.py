@@ -16,7 +16,7 @@ from rich.table import Table
 
 from liverpipe._console import err_console, say, table_console
 from liverpipe.cli_models import models_app
-from liverpipe.errors import FixableError
+from liverpipe.errors import FixableError, LiverpipeError
 from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD, Settings, load_settings
 
 __all__ = ["ConfigOpt", "app", "main"]
@@ -51,6 +51,19 @@ def _progress() -> Progress:
     )
 
 
+def _folder(path: Path, option: str) -> Path:
+    """``path`` as an output folder: refused, naming the file in the way, when it is or
+    lies below an existing file (before any work is done)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LiverpipeError(
+            existing,
+            f"this is a file, so {path} cannot be the {option} folder",
+            f"pass a folder path for {option} (it is created when missing)",
+        )
+    return path
+
+
 @app.command()
 def synth(
     out_dir: Annotated[
@@ -76,6 +89,7 @@ def synth(
     from liverpipe.synth import generate_dataset
 
     settings = _settings(config, synth={"seed": seed, "size": size})
+    _folder(out_dir, "OUT_DIR")
     with _progress() as bar:
         task = bar.add_task("rendering", total=cases)
         pairs = generate_dataset(
@@ -211,6 +225,7 @@ def preprocess(
     from liverpipe.preprocess import Plan, dask_map, preprocess_dataset
 
     settings = _settings(config, store={"workers": workers, "dask_address": dask_address})
+    _folder(store, "--store")
 
     def runner(fn: Any, items: Any, keys: Any) -> Any:
         return dask_map(fn, items, keys, settings.store.workers, settings.store.dask_address)
@@ -343,6 +358,7 @@ def train_cmd(
 
     Example: liverpipe train --store stores/liver.zarr --model manet --stage tumour --out runs/manet/tumour --config configs/cpu.toml
     """
+    _folder(out, "--out")
     from liverpipe.train import train
 
     if stage not in ("liver", "tumour"):
@@ -413,7 +429,7 @@ def train_all_cmd(
 
     settings = _settings(config, train={"steps": steps}, tumour={"steps": steps})
     devices = parse_gpus(gpus)
-    run = start_run(out, store, settings, resume=resume)
+    run = start_run(_folder(out, "--out"), store, settings, resume=resume)
     typer.echo(f"run {run.name} -> {run}")
 
     def report(outcome: ModelOutcome) -> None:
@@ -530,7 +546,9 @@ def predict_cmd(
     Example: liverpipe predict scans/ -o masks/ --runs runs --tta
     """
     threshold = _threshold(tumour_threshold)  # a bad value fails before models load
-    from liverpipe.infer import PostProcess, Predictor, predict_path
+    from liverpipe.infer import PostProcess, Predictor, check_output, predict_path
+
+    check_output(source, output)
     from liverpipe.models import expand_models, load_cascade, pick_device
     from liverpipe.ops import champion_models
 
@@ -582,6 +600,7 @@ def convert_cmd(
     settings = _settings(config)
     found = find_series(series_dir)
     single = len(found) == 1 and is_nifti(output)
+    _folder(output.parent if single else output, "OUTPUT")
     for series in found:
         out = output if single else output / f"{series.name}.nii.gz"
         write_nifti(series, out, settings.check)
@@ -619,6 +638,7 @@ def evaluate_cmd(
 
     Example: liverpipe evaluate --store stores/liver.zarr --runs runs --out report
     """
+    _folder(out, "--out")  # before the scoring, which takes minutes
     from liverpipe.evaluate import SPLITS, evaluate, headline_table, write_report
     from liverpipe.models import pick_device
 

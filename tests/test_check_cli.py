@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_nifti
 from typer.testing import CliRunner
 
@@ -181,3 +182,31 @@ def test_an_empty_label_and_a_blank_scan_are_flagged(tiny_case: Path) -> None:
     assert "imagesTr/case_b.nii.gz: no voxel is above -500 HU" in blank and "Fix:" in blank
     assert reports["case_b"]["fov"]["body_found"] is False
     assert reports["case_b"]["fov"]["label_voxels"] > 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["synth", "{file}", "--cases", "1"],
+        ["preprocess", "{data}", "--store", "{file}"],
+        ["train", "--store", "{data}", "--out", "{file}/model"],
+        ["train-all", "--store", "{data}", "--out", "{file}"],
+        ["evaluate", "--store", "{data}", "--runs", "{data}", "--out", "{file}"],
+    ],
+    ids=["synth", "preprocess", "train", "train-all", "evaluate"],
+)
+def test_an_output_folder_that_is_a_file_is_refused_first(
+    tiny_case: Path, tmp_path: Path, command: list[str]
+) -> None:
+    """An output option naming an existing file (or a path below one) raised
+    NotADirectoryError or FileExistsError, some only after minutes of work; each command
+    now refuses it first, naming the file."""
+    from liverpipe.errors import LiverpipeError
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    args = [a.format(file=blocker, data=tiny_case) for a in command]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, LiverpipeError), result.output
+    assert str(blocker) in str(result.exception) and "this is a file" in str(result.exception)
+    assert blocker.read_text() == "a file"

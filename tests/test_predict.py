@@ -475,3 +475,34 @@ def test_diameter_of_a_line_of_pixels_is_its_length() -> None:
     mask = np.zeros((1, 5, 30), bool)
     mask[0, 2, 3:23] = True  # 20 pixels along x, collinear
     assert longest_axial_diameter(mask, (0.5, 1.0)) == pytest.approx(np.hypot(10.0, 1.0))
+
+
+def test_an_output_under_a_file_is_refused_before_any_model_loads(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    """--output naming an existing file (or a path below one) raised FileExistsError
+    after the models had loaded; now it is a clear error first (the model path here does
+    not even exist)."""
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+    from liverpipe.errors import LiverpipeError
+    from liverpipe.infer import check_output
+
+    scan = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    blocker = tmp_path / "masks"
+    blocker.write_text("not a folder")
+    for source, output in (
+        (scan, blocker),
+        (scan, blocker / "sub" / "x.nii.gz"),
+        (phantom_dir / "imagesTr", blocker),
+    ):
+        with pytest.raises(LiverpipeError, match="this is a file, so the masks cannot go"):
+            check_output(source, output)
+    check_output(scan, tmp_path / "new" / "x.nii.gz")  # created when written
+    check_output(phantom_dir / "imagesTr", tmp_path / "new")
+    result = CliRunner().invoke(
+        app, ["predict", str(scan), "-o", str(blocker), "-m", str(tmp_path / "no-model")]
+    )
+    assert isinstance(result.exception, LiverpipeError)
+    assert "this is a file" in str(result.exception)

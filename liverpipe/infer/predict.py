@@ -42,6 +42,7 @@ __all__ = [
     "PostProcess",
     "Predictor",
     "StagePrediction",
+    "check_output",
     "predict_dicom",
     "predict_file",
     "predict_path",
@@ -300,6 +301,20 @@ def predict_file(
     return record
 
 
+def check_output(source: Path, output: Path) -> None:
+    """Refuse an output that cannot be written (a file where the output folder, or one of
+    its parents, would go), before any model loads."""
+    single = source.is_file() and not output.is_dir() and is_nifti(output)
+    folder = output.parent if single else output
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LiverpipeError(
+            existing,
+            f"this is a file, so the masks cannot go into {folder}",
+            "pass a folder for the masks (it is created), or a .nii.gz path for one scan",
+        )
+
+
 def predict_path(
     predictor: Predictor,
     source: Path,
@@ -312,6 +327,7 @@ def predict_path(
     In folder mode a scan that fails is reported and the others go on; the mask of
     ``name.nii.gz`` is ``OUTPUT/name.nii.gz``, its measurements ``OUTPUT/name.json``.
     """
+    check_output(source, output)
     if source.is_file():
         if output.is_dir() or not is_nifti(output):
             output = output / f"{case_id_of(source)}.nii.gz"

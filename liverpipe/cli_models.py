@@ -68,7 +68,9 @@ def list_cmd(
 
     Example: liverpipe models list --runs runs
     """
-    registry = Registry.load(runs)
+    from liverpipe.ops import require_runs
+
+    registry = Registry.load(require_runs(runs))
     if as_json:
         typer.echo(
             json.dumps(
@@ -129,8 +131,9 @@ def promote_cmd(
     Example: liverpipe models promote 20261128T081500Z-3f9c2a1b --runs runs
     """
     from liverpipe.models import pick_device
-    from liverpipe.ops import challenge
+    from liverpipe.ops import challenge, require_runs
 
+    require_runs(runs)
     run_id = Path(run).name
     settings = load_settings(config)
     decisions = challenge(
@@ -154,8 +157,9 @@ def rollback_cmd(
     Example: liverpipe models rollback --runs runs --force
     """
     from liverpipe.models import pick_device
-    from liverpipe.ops import rollback
+    from liverpipe.ops import require_runs, rollback
 
+    require_runs(runs)
     settings = load_settings(config)
     keys = model or [ENSEMBLE]
     decisions = rollback(runs, settings.registry, pick_device(), keys, force)

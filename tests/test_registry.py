@@ -386,6 +386,14 @@ def test_a_missing_runs_folder_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(LiverpipeError, match="there is no runs folder here") as err:
         champion_models(tmp_path / "runz")
     assert str(tmp_path / "runz") in str(err.value) and "Fix:" in str(err.value)
+    from typer.testing import CliRunner
+
+    from liverpipe.cli import app
+
+    for args in (["list"], ["rollback"], ["promote", "some-run"]):
+        result = CliRunner().invoke(app, ["models", *args, "--runs", str(tmp_path / "runz")])
+        assert isinstance(result.exception, LiverpipeError), args
+        assert "there is no runs folder here" in str(result.exception)
 
 
 def test_a_broken_link_in_the_inbox_fails_once_and_the_other_scans_go_on(

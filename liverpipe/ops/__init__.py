@@ -28,7 +28,14 @@ from liverpipe.ops.pacs import (
     poll_pacs,
     series_to_predict,
 )
-from liverpipe.ops.promotion import challenge, champion_models, frozen_cases, rollback, score
+from liverpipe.ops.promotion import (
+    challenge,
+    champion_models,
+    frozen_cases,
+    require_runs,
+    rollback,
+    score,
+)
 from liverpipe.ops.registry import ENSEMBLE, REGISTRY, Decision, Registry, judge
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "judge",
     "poll_pacs",
     "predict_pending",
+    "require_runs",
     "rollback",
     "score",
     "series_to_predict",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the ingest inbox imports this module; torch loads only to s
 
     from liverpipe.infer import Predictor
 
-__all__ = ["challenge", "champion_models", "frozen_cases", "rollback", "score"]
+__all__ = ["challenge", "champion_models", "frozen_cases", "require_runs", "rollback", "score"]
 
 
 def frozen_cases(store: SliceStore, runs: Sequence[RunRecord]) -> list[str]:
@@ -71,16 +71,21 @@ def score(predictor: Predictor, store: SliceStore, cases: Sequence[str]) -> dict
     }
 
 
-def champion_models(root: Path, key: str = ENSEMBLE) -> list[Path]:
-    """The model folders of ``key``'s champion: every model of its run for the ensemble."""
+def require_runs(root: Path) -> Path:
+    """``root`` when it is a folder; else the error that names it (a mistyped --runs is
+    not 'no champion')."""
     if not Path(root).is_dir():
         raise LiverpipeError(
             root,
             "there is no runs folder here",
-            "pass the folder `liverpipe train-all --out` wrote (--runs), or name the "
-            "models with --model",
+            "pass --runs the folder that `liverpipe train-all --out` wrote",
         )
-    registry = Registry.load(root)
+    return Path(root)
+
+
+def champion_models(root: Path, key: str = ENSEMBLE) -> list[Path]:
+    """The model folders of ``key``'s champion: every model of its run for the ensemble."""
+    registry = Registry.load(require_runs(root))
     run_id = registry.champions.get(key)
     if run_id is None:
         raise LiverpipeError(

@@ -9,7 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["nan_if_null", "read_json", "strict_json", "write_json_atomic"]
+__all__ = ["file_in_the_way", "nan_if_null", "read_json", "strict_json", "write_json_atomic"]
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing file that ``folder`` is, or lies below, so that the folder cannot be
+    made; None when the folder exists or can be created."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from liverpipe._console import err_console, say, table_console
+from liverpipe._files import file_in_the_way
 from liverpipe.cli_models import models_app
 from liverpipe.errors import FixableError, LiverpipeError
 from liverpipe.settings import TUMOUR_SEED, TUMOUR_THRESHOLD, Settings, load_settings
@@ -54,8 +55,8 @@ def _progress() -> Progress:
 def _folder(path: Path, option: str) -> Path:
     """``path`` as an output folder: refused, naming the file in the way, when it is or
     lies below an existing file (before any work is done)."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = file_in_the_way(path)
+    if existing is not None:
         raise LiverpipeError(
             existing,
             f"this is a file, so {path} cannot be the {option} folder",

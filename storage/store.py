@@ -64,8 +64,16 @@ class SliceStore:
     def create(
         cls, root: Path, config_hash: str, config: dict[str, Any], version: str
     ) -> SliceStore:
-        """Create an empty store; refuses a path that already holds anything."""
+        """Create an empty store; refuses a path that already holds anything, or that is
+        (or lies below) a file."""
         root = Path(root)
+        blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise StoreSchemaError(
+                blocker,
+                f"this is a file, so {root} cannot be a store folder",
+                "choose a --store path that is a folder or does not exist yet",
+            )
         if root.exists() and any(root.iterdir()):
             raise StoreSchemaError(
                 root,

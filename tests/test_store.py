@@ -128,6 +128,9 @@ def test_schema_version_and_non_stores_are_refused(tmp_path: Path, store: SliceS
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(StoreSchemaError, match="not empty"):
         SliceStore.create(tmp_path / "busy", "h", {}, "v")
+    for path in (tmp_path / "busy" / "file", tmp_path / "busy" / "file" / "s.zarr"):
+        with pytest.raises(StoreSchemaError, match=r"this is a file, so .* cannot be a store"):
+            SliceStore.open_or_create(path, "h", {}, "v")  # as the preprocess flow does
 
 
 def test_lock_names_its_holder_and_refuses_a_second_writer(store: SliceStore) -> None:

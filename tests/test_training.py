@@ -513,3 +513,6 @@ def test_a_store_without_train_cases_is_refused_once_before_any_job(
     with pytest.raises(LiverpipeError, match="the store has no train cases") as err:
         start_run(tmp_path / "runs", tmp_path / "b.zarr", load_settings(tiny))
     assert "Fix:" in str(err.value) and not (tmp_path / "runs").exists()
+    (tmp_path / "taken").write_text("a file")  # as the train-all flow passes its runs path
+    with pytest.raises(LiverpipeError, match=r"this is a file, so .* cannot be the runs"):
+        start_run(tmp_path / "taken", tmp_path / "a.zarr", load_settings(tiny))

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from liverpipe._files import file_in_the_way
 from liverpipe.errors import LiverpipeError
 from liverpipe.infer.cascade import StageModels, decide, liver_stage, tumour_stage
 from liverpipe.infer.measure import measure
@@ -306,8 +307,8 @@ def check_output(source: Path, output: Path) -> None:
     its parents, would go), before any model loads."""
     single = source.is_file() and not output.is_dir() and is_nifti(output)
     folder = output.parent if single else output
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = file_in_the_way(folder)
+    if existing is not None:
         raise LiverpipeError(
             existing,
             f"this is a file, so the masks cannot go into {folder}",

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
+from liverpipe._files import file_in_the_way
 from liverpipe._system import available_cpus
+from liverpipe.errors import LiverpipeError
 from liverpipe.models import MODELS
 from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
 from liverpipe.settings import Settings, Stage
@@ -136,6 +138,13 @@ def start_run(
     """A new run folder ``RUNS/<run_id>`` with its ``run.json``; with ``resume``, the
     newest run under ``runs_root`` (a new one when there is none)."""
     runs_root = Path(runs_root)
+    blocker = file_in_the_way(runs_root)
+    if blocker is not None:
+        raise LiverpipeError(
+            blocker,
+            f"this is a file, so {runs_root} cannot be the runs folder",
+            "pass a folder path for the runs (it is created when missing)",
+        )
     if resume:
         latest = latest_run(runs_root)
         if latest is not None:

@@ -8,7 +8,7 @@ with an oracle liver: smooth the image (Gaussian, sigma 1 mm), call tumour any v
 least ``--rule-hu`` below the liver's median inside the eroded true liver.
 
 Usage:
-  python bench/tumours.py --runs RUNS --data HELD_OUT_DIR [--cases N] [--json OUT]
+  python bench/tumours.py --runs RUNS --data HELD_OUT_DIR [--cases N] [--tta] [--json OUT]
   python bench/tumours.py --runs RUNS --synth 8 --seed 9001   # render the held-out set
 """
 
@@ -92,13 +92,16 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure(runs: Path, data: Path, rule_hu: float = 12.0, cases: int = 0) -> dict[str, Any]:
-    """Every method's per-case rows on the held-out cases of ``data``, and the summary."""
+def measure(
+    runs: Path, data: Path, rule_hu: float = 12.0, cases: int = 0, tta: bool = False
+) -> dict[str, Any]:
+    """Every method's per-case rows on the held-out cases of ``data``, and the summary;
+    ``tta``: predict with flip TTA (``liverpipe predict --tta``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cascades = [load_cascade(p, device) for p in find_models(runs)]
-    members = {c.name: Predictor([c], device) for c in cascades}
+    members = {c.name: Predictor([c], device, tta) for c in cascades}
     if len(cascades) > 1:
-        members["ensemble"] = Predictor(cascades, device)
+        members["ensemble"] = Predictor(cascades, device, tta)
     chosen = [c for c in discover(data).training if c.image and c.label]
     chosen = chosen[:cases] if cases else chosen
     rows: list[dict[str, Any]] = []
@@ -135,6 +138,7 @@ def measure(runs: Path, data: Path, rule_hu: float = 12.0, cases: int = 0) -> di
         "runs": str(runs),
         "data": str(data),
         "cases": len(chosen),
+        "tta": tta,
         "seconds": round(time.perf_counter() - start, 1),
         "summary": _summary(rows),
         "rows": rows,
@@ -169,6 +173,7 @@ def main() -> None:
     parser.add_argument(
         "--rule-hu", type=float, default=12.0, help="The rule's drop below the liver median."
     )
+    parser.add_argument("--tta", action="store_true", help="Predict with flip TTA.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     data = args.data
@@ -182,7 +187,7 @@ def main() -> None:
             )
     if data is None:
         parser.error("pass --data or --synth")
-    record = measure(args.runs, data, args.rule_hu, args.cases)
+    record = measure(args.runs, data, args.rule_hu, args.cases, args.tta)
     print(f"\n{record['cases']} held-out cases from {data} in {record['seconds']:.0f} s")
     print(table(record))
     if args.json:

@@ -183,6 +183,48 @@ class TumourAugmentConfig(AugmentConfig):
     gamma: tuple[float, float] = Field(
         (1.0, 1.0), description="Gamma range; (1, 1) turns it off (it moves the liver anchor)."
     )
+    lesions: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Chance that a training crop gets synthetic hypodense lesions painted "
+        "into its liver (tumour synthesis, Hu et al. CVPR 2023); 0 turns it off.",
+    )
+    lesion_count: tuple[int, int] = Field(
+        (1, 3), description="Synthetic lesions per chosen crop: at least, at most."
+    )
+    lesion_diameter_mm: tuple[float, float] = Field(
+        (5.0, 40.0), description="Synthetic lesion diameters (mm), drawn log-uniformly."
+    )
+    lesion_contrast_hu: tuple[float, float] = Field(
+        (10.0, 45.0), description="How much darker than the liver a synthetic lesion is (HU)."
+    )
+    lesion_border: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Chance that a synthetic lesion is centred on the liver's surface "
+        "(subcapsular, cut by the organ's outline) rather than anywhere in it.",
+    )
+    lesion_rim: float = Field(
+        0.3, ge=0, le=1, description="Chance that a synthetic lesion has a bright rim."
+    )
+    lesion_rim_min_mm: float = Field(
+        10.0, ge=0, description="Only lesions larger than this (mm) get a rim."
+    )
+
+    @model_validator(mode="after")
+    def _check_lesions(self) -> TumourAugmentConfig:
+        low, high = self.lesion_count
+        if not 1 <= low <= high:
+            raise ValueError(
+                "lesion_count must be (at least, at most) with 1 <= at least <= at most"
+            )
+        for name in ("lesion_diameter_mm", "lesion_contrast_hu"):
+            a, b = getattr(self, name)
+            if not 0 < a <= b:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high")
+        return self
 
 
 #: Total stride of the encoders (5 halvings): network inputs are multiples of it.

@@ -455,9 +455,9 @@ def test_job_cost_starts_the_longest_jobs_first() -> None:
     from liverpipe.train import job_cost
 
     cpu = load_settings(REPO / "configs" / "cpu.toml")
-    # The demo's tumour stage: 400 steps of 64^2 crops; its liver stage: 200 of 192^2 / 3^2.
-    assert job_cost(cpu, "tumour") == 400 * 16 * 64 * 64
-    assert job_cost(cpu, "liver") == 200 * 16 * 64 * 64
+    # The demo's tumour stage: 1000 steps of 64^2 crops; its liver stage: 400 of 192^2 / 3^2.
+    assert job_cost(cpu, "tumour") == 1000 * 16 * 64 * 64
+    assert job_cost(cpu, "liver") == 400 * 16 * 64 * 64
     assert job_cost(cpu, "tumour") > job_cost(cpu, "liver")
 
 
@@ -516,3 +516,49 @@ def test_a_store_without_train_cases_is_refused_once_before_any_job(
     (tmp_path / "taken").write_text("a file")  # as the train-all flow passes its runs path
     with pytest.raises(LiverpipeError, match=r"this is a file, so .* cannot be the runs"):
         start_run(tmp_path / "taken", tmp_path / "a.zarr", load_settings(tiny))
+
+
+def test_tumour_crops_near_the_roi_edge_hold_the_scan_not_fake_air(tiny_store: Path) -> None:
+    """The resident region around each liver holds every crop the sampler can draw (a
+    centre up to the jitter or a quarter crop beyond the ROI, plus half a crop): inside
+    the stored slice it is the scan, liver-relative; beyond it, air."""
+    from liverpipe.roi import margin_voxels, relative, relative_gain
+    from liverpipe.train import stage_table
+
+    store = SliceStore.open(tiny_store)
+    cfg = load_settings(TINY).tumour
+    _, prepared = stage_table(store, store.cases("train"), cfg, CPU)
+    h, w = cfg.crop_size
+    for case_id, case in prepared.items():
+        stored = store.case(case_id)
+        _, jy, jx = margin_voxels(cfg.roi_jitter_mm, stored.meta.spacing)
+        reach_y, reach_x = max(jy, h // 4) + h // 2, max(jx, w // 4) + w // 2
+        assert case.region.y0 <= case.roi.y0 - reach_y and case.region.y1 >= case.roi.y1 + reach_y
+        assert case.region.x0 <= case.roi.x0 - reach_x and case.region.x1 >= case.roi.x1 + reach_x
+        image, label = stored.load()
+        t = stored.meta.intensity
+        decoded = image.astype(np.float32) * t.stored_scale + t.stored_offset
+        inside = case.region.clip(label.shape)
+        local = tuple(
+            slice(a - b, c - b)
+            for a, b, c in (
+                (inside.z0, case.region.z0, inside.z1),
+                (inside.y0, case.region.y0, inside.y1),
+                (inside.x0, case.region.x0, inside.x1),
+            )
+        )
+        held = case.image.numpy()
+        median = float(np.median(decoded[inside.slices][label[inside.slices] > 0]))
+        expected = relative(
+            decoded[inside.slices],
+            median,
+            relative_gain(t.hu_scale, cfg.relative_window_hu),
+            cfg.relative_clip,
+        )
+        np.testing.assert_allclose(held[local], expected, atol=1e-5)
+        np.testing.assert_array_equal(case.label.numpy()[local], label[inside.slices])
+        outside = np.ones(held.shape, bool)
+        outside[local] = False
+        if outside.any():
+            assert np.all(held[outside] == held[local].min())  # air, the scan's lowest value
+            assert not case.label.numpy()[outside].any()

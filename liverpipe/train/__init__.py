@@ -1,6 +1,7 @@
 """Training from the slice store: sampling and the streaming/resident sources,
-augmentation, the training loop with its validation and stage-specific parts, and the
-launcher that trains every model of a run (``python -m liverpipe.train`` is one job).
+augmentation (with synthetic lesions for the tumour stage), the training loop with its
+validation and stage-specific parts, and the launcher that trains every model of a run
+(``python -m liverpipe.train`` is one job).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from liverpipe.train.launch import (
     train_all,
     visible_gpus,
 )
+from liverpipe.train.lesions import Lesion, draw_lesions, implant_lesions
 from liverpipe.train.loop import TrainResult, lr_factor, train
 from liverpipe.train.sampling import (
     ResidentSource,
@@ -43,6 +45,7 @@ __all__ = [
     "STAGES",
     "THRESHOLDS",
     "JobSlot",
+    "Lesion",
     "ModelOutcome",
     "ResidentSource",
     "RoiSource",
@@ -53,6 +56,8 @@ __all__ = [
     "TrainResult",
     "augment_batch",
     "decode_scale",
+    "draw_lesions",
+    "implant_lesions",
     "job_cost",
     "job_slots",
     "lr_factor",

@@ -22,6 +22,7 @@ import torch
 from liverpipe.labels import Label
 from liverpipe.roi import (
     Box,
+    crop,
     grow,
     liver_box,
     liver_median,
@@ -29,7 +30,8 @@ from liverpipe.roi import (
     relative,
     relative_gain,
 )
-from liverpipe.settings import TrainConfig
+from liverpipe.settings import TrainConfig, TumourAugmentConfig
+from liverpipe.train.lesions import draw_lesions, implant_lesions
 from storage import CaseReader, SliceStore
 
 __all__ = [
@@ -224,7 +226,8 @@ class _RoiCase:
 
     image: torch.Tensor  # (Z', Y', X') float32, liver-relative
     label: torch.Tensor  # (Z', Y', X') int64
-    region: Box  # where the tensors lie in the stored case (its grid)
+    region: Box  # where the tensors lie in the stored case's indices (in-plane it may
+    # reach beyond the stored slice: air there)
     roi: Box  # the liver box plus margin, in the same stored indices
     tumour_yx: list[np.ndarray]  # per ROI slice: (N, 2) stored (y, x) of tumour voxels
 
@@ -233,12 +236,14 @@ class RoiSource:
     """Tumour-stage batches: 2.5D crops inside (jittered) liver ROIs, liver-relative.
 
     Every case of ``table`` is held in memory around its liver: the ground-truth liver's
-    bounding box grown by ``roi_margin_mm``, with room for the jitter and half a crop on
-    every side. A row (case, z) of the table is one ROI slice. Its crop is centred on a
-    tumour voxel (tumour rows) or on a point of the ROI whose edges are shifted by up to
-    ``roi_jitter_mm`` (stage 1's ROI is never exact), then cut to ``crop_size``; outside
-    the stored slice it is air. Random draws come from ``rng``, the sampler's generator,
-    so a checkpoint that saves the sampler resumes the same crops.
+    bounding box grown by ``roi_margin_mm``, with room for any crop on every side (air
+    beyond the stored slice), so a crop is a plain slice. A row (case, z) of the table is
+    one ROI slice. Its crop is centred near a tumour voxel (tumour rows) or on a point of
+    the ROI whose edges are shifted by up to ``roi_jitter_mm`` (stage 1's ROI is never
+    exact), then cut to ``crop_size``. With ``[tumour.augment] lesions`` > 0, synthetic
+    lesions are painted into some crops' liver (:mod:`liverpipe.train.lesions`). Random
+    draws come from ``rng``, the sampler's generator, so a checkpoint that saves the
+    sampler resumes the same crops.
     """
 
     def __init__(
@@ -317,29 +322,34 @@ class RoiSource:
             cx = self.rng.integers(min(x0, x1 - 1), max(x0, x1 - 1) + 1)
         k = self.cfg.context_slices
         zs = np.clip(np.arange(z - k // 2, z + k // 2 + 1), case.region.z0, case.region.z1 - 1)
-        box = Box(
-            0, 1, int(cy) - h // 2, int(cy) - h // 2 + h, int(cx) - w // 2, int(cx) - w // 2 + w
+        # The region holds every crop whole (air beyond the stored slice): plain slicing.
+        y0 = min(max(int(cy) - h // 2 - case.region.y0, 0), case.image.shape[1] - h)
+        x0 = min(max(int(cx) - w // 2 - case.region.x0, 0), case.image.shape[2] - w)
+        index = (torch.as_tensor(zs - case.region.z0), slice(y0, y0 + h), slice(x0, x0 + w))
+        image, labels = case.image[index], case.label[index]
+        return self._lesions(image, labels, self.spacing[self.table.case[row]])
+
+    def _lesions(
+        self, image: torch.Tensor, labels: torch.Tensor, spacing: tuple[float, float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synthetic lesions painted into the crop's liver (``[tumour.augment] lesions``);
+        the centre slice's labels."""
+        aug = self.cfg.augment
+        if not isinstance(aug, TumourAugmentConfig) or aug.lesions == 0:
+            return image, labels[labels.shape[0] // 2]
+        liver = (labels[labels.shape[0] // 2] >= Label.LIVER).float()
+        inner = -torch.nn.functional.max_pool2d(-liver[None, None], 5, stride=1, padding=2)[0, 0]
+        liver_yx = torch.nonzero(liver > 0).cpu().numpy()
+        edge_yx = torch.nonzero((liver > 0) & (inner == 0)).cpu().numpy()  # within 2 voxels
+        lesions = draw_lesions(self.rng, liver_yx, edge_yx, spacing, aug)
+        return implant_lesions(
+            image,
+            labels,
+            lesions,
+            spacing,
+            1.0 / self.cfg.relative_window_hu,
+            self.cfg.relative_clip,
         )
-        local = Box(
-            0,
-            1,
-            box.y0 - case.region.y0,
-            box.y1 - case.region.y0,
-            box.x0 - case.region.x0,
-            box.x1 - case.region.x0,
-        )
-        inside = local.clip((1, *case.image.shape[1:]))
-        image = torch.full((k, h, w), float(case.image.min()), device=self.device)
-        label = torch.zeros((h, w), dtype=torch.long, device=self.device)
-        dst = (
-            slice(inside.y0 - local.y0, inside.y1 - local.y0),
-            slice(inside.x0 - local.x0, inside.x1 - local.x0),
-        )
-        src = (slice(inside.y0, inside.y1), slice(inside.x0, inside.x1))
-        if inside.y1 > inside.y0 and inside.x1 > inside.x0:
-            image[(slice(None), *dst)] = case.image[(torch.as_tensor(zs - case.region.z0), *src)]
-            label[dst] = case.label[(z - case.region.z0, *src)]
-        return image, label
 
 
 def _roi_case(
@@ -353,11 +363,18 @@ def _roi_case(
     spacing = stored.meta.spacing
     roi = grow(box, margin_voxels(cfg.roi_margin_mm, spacing)).clip(label.shape)
     _, jy, jx = margin_voxels(cfg.roi_jitter_mm, spacing)
-    room = (cfg.context_slices // 2, jy + cfg.crop_size[0] // 2 + 1, jx + cfg.crop_size[1] // 2 + 1)
-    region = grow(roi, room).clip(label.shape)
+    h, w = cfg.crop_size
+    # Room for any crop: a centre up to the jitter (or a quarter crop, around tumour)
+    # beyond the ROI, plus half a crop; in z only what the slices hold.
+    room = (cfg.context_slices // 2, max(jy, h // 4) + h // 2 + 1, max(jx, w // 4) + w // 2 + 1)
+    grown = grow(roi, room)
+    region = Box(
+        max(grown.z0, 0), min(grown.z1, label.shape[0]), grown.y0, grown.y1, grown.x0, grown.x1
+    )
     t = stored.meta.intensity
-    decoded = image[region.slices].astype(np.float32) * t.stored_scale + t.stored_offset
-    labels = label[region.slices]
+    air = image[region.clip(label.shape).slices].min()  # beyond the stored slice
+    decoded = crop(image, region, air).astype(np.float32) * t.stored_scale + t.stored_offset
+    labels = crop(label, region, 0)
     median = liver_median(decoded, labels > 0)
     rel = relative(
         decoded, median, relative_gain(t.hu_scale, cfg.relative_window_hu), cfg.relative_clip

@@ -347,7 +347,7 @@ class RoiSource:
             labels,
             lesions,
             spacing,
-            1.0 / self.cfg.relative_window_hu,
+            relative_gain(1.0, self.cfg.relative_window_hu),  # per HU
             self.cfg.relative_clip,
         )
 

@@ -3,9 +3,11 @@
 For each held-out case (phantoms the runs never trained on, any seed): the cascade of
 each model and of their ensemble, and stage 1 alone, predicted exactly as
 ``liverpipe predict`` does and scored on the native grid: liver Dice, per-case tumour
-Dice (cases with tumours), lesion recall by size. The baseline is the rule from issue 11,
-with an oracle liver: smooth the image (Gaussian, sigma 1 mm), call tumour any voxel at
-least ``--rule-hu`` below the liver's median inside the eroded true liver.
+Dice (cases with tumours), lesion recall by size, false lesions (predicted components
+that touch no true tumour) and the tumour-free cases left clean. The baseline is the
+rule from issue 11, with an oracle liver: smooth the image (Gaussian, sigma 1 mm), call
+tumour any voxel at least ``--rule-hu`` below the liver's median inside the eroded true
+liver.
 
 Usage:
   python bench/tumours.py --runs RUNS --data HELD_OUT_DIR [--cases N] [--tta] [--json OUT]
@@ -54,6 +56,13 @@ def _lesions(truth: np.ndarray, pred: np.ndarray, voxel_mm3: float) -> list[tupl
     return out
 
 
+def _false_lesions(truth: np.ndarray, pred: np.ndarray) -> int:
+    """Predicted tumour components (26-connected) that touch no true tumour."""
+    components = cc3d.connected_components(pred, connectivity=26)
+    touched = np.unique(components[truth & pred])
+    return int(components.max()) - int((touched > 0).sum())
+
+
 def _rule(
     image_hu: np.ndarray, liver: np.ndarray, spacing: np.ndarray, drop_hu: float
 ) -> np.ndarray:
@@ -73,6 +82,7 @@ def _case_rows(name: str, pred: np.ndarray, truth: np.ndarray, voxel_mm3: float)
         "liver_dice": liver,
         "tumour_dice": tumour,
         "lesions": _lesions(true_tumour, pred_tumour, voxel_mm3),
+        "false_lesions": _false_lesions(true_tumour, pred_tumour),
     }
 
 
@@ -82,12 +92,16 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         mine = [r for r in rows if r["method"] == method]
         tumour = [r["tumour_dice"] for r in mine if not math.isnan(r["tumour_dice"])]
         lesions = [hit for r in mine for d, hit in r["lesions"] if d >= BIG_LESION_MM]
+        free = [r["false_lesions"] == 0 for r in mine if math.isnan(r["tumour_dice"])]
         out[method] = {
             "liver_dice": float(np.mean([r["liver_dice"] for r in mine])),
             "tumour_dice_cases_with_tumour": float(np.mean(tumour)) if tumour else math.nan,
             "tumour_cases": len(tumour),
             "recall_lesions_ge_10mm": float(np.mean(lesions)) if lesions else math.nan,
             "lesions_ge_10mm": len(lesions),
+            "false_lesions": sum(r["false_lesions"] for r in mine),
+            "clean_tumour_free": float(np.mean(free)) if free else math.nan,
+            "tumour_free_cases": len(free),
         }
     return out
 
@@ -148,13 +162,15 @@ def measure(
 def table(record: dict[str, Any]) -> str:
     """The summary as a markdown table."""
     lines = [
-        "| method | liver Dice | tumour Dice (cases with tumour) | recall, lesions >= 10 mm |",
-        "|---|---|---|---|",
+        "| method | liver Dice | tumour Dice (cases with tumour) | recall, lesions >= 10 mm "
+        "| false lesions | clean tumour-free |",
+        "|---|---|---|---|---|---|",
     ]
     for method, s in record["summary"].items():
         lines.append(
             f"| {method} | {s['liver_dice']:.3f} | {s['tumour_dice_cases_with_tumour']:.3f} "
-            f"({s['tumour_cases']}) | {s['recall_lesions_ge_10mm']:.2f} ({s['lesions_ge_10mm']}) |"
+            f"({s['tumour_cases']}) | {s['recall_lesions_ge_10mm']:.2f} ({s['lesions_ge_10mm']}) "
+            f"| {s['false_lesions']} | {s['clean_tumour_free']:.2f} ({s['tumour_free_cases']}) |"
         )
     return "\n".join(lines)
 

@@ -455,8 +455,8 @@ def test_job_cost_starts_the_longest_jobs_first() -> None:
     from liverpipe.train import job_cost
 
     cpu = load_settings(REPO / "configs" / "cpu.toml")
-    # The demo's tumour stage: 1000 steps of 64^2 crops; its liver stage: 400 of 192^2 / 3^2.
-    assert job_cost(cpu, "tumour") == 1000 * 16 * 64 * 64
+    # The demo's tumour stage: 1500 steps of 64^2 crops; its liver stage: 400 of 192^2 / 3^2.
+    assert job_cost(cpu, "tumour") == 1500 * 16 * 64 * 64
     assert job_cost(cpu, "liver") == 400 * 16 * 64 * 64
     assert job_cost(cpu, "tumour") > job_cost(cpu, "liver")
 

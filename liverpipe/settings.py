@@ -65,6 +65,12 @@ class CheckConfig(_Frozen):
         description="Fewer axial slices than this are refused (at least the 2.5D context). "
         "A scan must also span at least one stored slice ([preprocess] target_spacing z).",
     )
+    max_lowest_hu: float | None = Field(
+        -50.0,
+        description="A CT in HU holds fat (about -100 HU) and air (about -1000 HU): a scan "
+        "with no voxel below this value is refused as not in HU (stored without its rescale "
+        "intercept, normalised, 8-bit, blank, or a label map). None turns the check off.",
+    )
     label_outside_crop: Literal["refuse", "warn"] = Field(
         "refuse",
         description="A labelled voxel outside the stored in-plane crop ([preprocess] "

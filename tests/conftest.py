@@ -57,6 +57,14 @@ def copy_runs(source: Path, target: Path) -> Path:
     return Path(shutil.copytree(source, target, copy_function=copy))
 
 
+def ct_volume(shape: tuple[int, ...], tissue: int = 40) -> np.ndarray:
+    """int16 soft tissue (``tissue`` HU) framed by one voxel of air (-1000 HU): the least
+    that reads as a CT in HU."""
+    volume = np.full(shape, -1000, dtype=np.int16)
+    volume[tuple(slice(1, max(n - 1, 1)) for n in shape)] = tissue
+    return volume
+
+
 @pytest.fixture
 def tiny_case(tmp_path: Path) -> Path:
     """A valid 2-case MSD-style dataset of 8x9x10 volumes; returns its root."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_nifti
+from conftest import ct_volume, write_nifti
 from typer.testing import CliRunner
 
 from liverpipe.cli import app
@@ -37,7 +37,7 @@ def test_phantoms_pass_the_check(phantom_dir: Path) -> None:
 def _break(root: Path) -> None:
     """One bad case per kind of problem, next to a good one."""
     good = np.zeros((8, 9, 10), dtype=np.uint8)
-    vol = np.zeros((8, 9, 10), dtype=np.int16)
+    vol = ct_volume((8, 9, 10))
     write_nifti(root / "imagesTr" / "badlabel.nii.gz", vol)
     write_nifti(root / "labelsTr" / "badlabel.nii.gz", good + 5)
     write_nifti(root / "imagesTr" / "nolabel.nii.gz", vol)
@@ -129,7 +129,7 @@ def test_a_folder_of_unreadable_files_gets_one_json_row_each(tmp_path: Path) -> 
     (folder / "empty.nii.gz").write_bytes(b"")
     (folder / "picture.nii.gz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(400))
     write_nifti(folder / "one_slice.nii.gz", np.full((40, 40, 1), 50, np.int16))
-    write_nifti(folder / "fine.nii.gz", np.full((40, 40, 12), 50, np.int16))
+    write_nifti(folder / "fine.nii.gz", ct_volume((40, 40, 12), 50))
     (folder / "notes.txt").write_text("side files are not scans")
     result = runner.invoke(app, ["check", str(folder), "--json"])
     assert result.exit_code == 1
@@ -210,3 +210,34 @@ def test_an_output_folder_that_is_a_file_is_refused_first(
     assert isinstance(result.exception, LiverpipeError), result.output
     assert str(blocker) in str(result.exception) and "this is a file" in str(result.exception)
     assert blocker.read_text() == "a file"
+
+
+def test_swapped_files_and_swapped_codes_get_their_diagnosis(tiny_case: Path) -> None:
+    """Image and label swapped: each file is named for what it holds. A label whose liver
+    and tumour codes are swapped is warned, by ``check`` and by preprocessing alike."""
+    images, labels = tiny_case / "imagesTr", tiny_case / "labelsTr"
+    scan = (images / "case_a.nii.gz").read_bytes()
+    (images / "case_a.nii.gz").write_bytes((labels / "case_a.nii.gz").read_bytes())
+    (labels / "case_a.nii.gz").write_bytes(scan)
+    label = np.zeros((8, 9, 10), dtype=np.uint8)
+    label[2:7, 2:7, 2:7] = 2  # "tumour" outside, "liver" inside: the codes swapped
+    label[4, 4, 4] = 1
+    write_nifti(labels / "case_b.nii.gz", label)
+    result = runner.invoke(app, ["check", str(tiny_case), "--json"])
+    assert result.exit_code == 1
+    reports = {r["case_id"]: r for r in json.loads(result.stdout)}
+    image_error, label_error = reports["case_a"]["errors"]
+    assert "imagesTr/case_a.nii.gz: no voxel is below -50 HU (values 0 to 2)" in image_error
+    assert "as in a label map" in image_error and "not swapped" in image_error
+    assert "labelsTr/case_a.nii.gz" in label_error and "looks like a CT scan" in label_error
+    assert reports["case_b"]["ok"] is True
+    (warning,) = reports["case_b"]["warnings"]
+    assert "labelsTr/case_b.nii.gz: the label has more tumour (2: 124 voxels)" in warning
+
+    from liverpipe.preprocess import forward_case
+    from liverpipe.settings import PreprocessConfig
+
+    case = forward_case(
+        images / "case_b.nii.gz", labels / "case_b.nii.gz", PreprocessConfig(slice_size=(16, 16))
+    )
+    assert any("codes look swapped" in w for w in case.warnings), case.warnings

@@ -12,7 +12,13 @@ from conftest import write_nifti
 
 from liverpipe.errors import GeometryMismatchError, InvalidScanError, LabelValueError
 from liverpipe.io import read_header, read_voxels
-from liverpipe.preprocess import check_affines_match, check_image_values, check_label_values
+from liverpipe.preprocess import (
+    check_affines_match,
+    check_hu_values,
+    check_image_values,
+    check_label_values,
+    swapped_codes_finding,
+)
 from liverpipe.settings import CheckConfig
 
 RNG = np.random.default_rng(42)
@@ -185,6 +191,97 @@ def test_label_values() -> None:
         check_label_values(path, np.array([0, -1], dtype=np.int16))
     with pytest.raises(LabelValueError, match="integers, found nan"):
         check_label_values(path, np.array([0.0, np.nan], dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def real_hu(real_ct: tuple[Path, Path]) -> np.ndarray:
+    """The real CT's voxels in HU (int16, file order)."""
+    return np.asarray(nib.load(real_ct[0]).dataobj)
+
+
+def _not_hu(real_hu: np.ndarray, kind: str) -> np.ndarray:
+    """The real CT as exports get it wrong."""
+    if kind == "no intercept":  # the stored DICOM values: HU + 1024
+        return (real_hu.astype(np.int32) + 1024).clip(0).astype(np.uint16)
+    if kind == "8-bit":  # an abdominal window written as 0..255
+        return ((real_hu.clip(-160, 240) + 160) * (255 / 400)).astype(np.uint8)
+    if kind == "normalised":  # z-scored
+        return ((real_hu - real_hu.mean()) / real_hu.std()).astype(np.float32)
+    if kind == "label map":
+        return (real_hu > 0).astype(np.int16) + (real_hu > 60)
+    assert kind == "blank"
+    return np.zeros_like(real_hu)
+
+
+NOT_HU = {
+    "no intercept": ("look stored without their rescale intercept", "RescaleIntercept"),
+    "8-bit": ("an 8-bit image (a windowed export), not HU", "Hounsfield units"),
+    "normalised": ("the values look normalised, not HU", "[check] max_lowest_hu"),
+    "label map": ("only the values 0, 1, 2, as in a label map", "not swapped"),
+    "blank": ("every voxel is 0: the scan is blank", "export or copy the scan again"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_HU))
+def test_values_that_are_not_hu_are_named_for_what_they_look_like(
+    real_hu: np.ndarray, kind: str
+) -> None:
+    """A real CT exported without its intercept, windowed to 8 bits, z-scored, a label map
+    in its place, or blank: each is refused with its own diagnosis and fix."""
+    path = Path("imagesTr/case.nii.gz")
+    check_hu_values(path, real_hu, -50.0)  # the scan itself is in HU
+    problem, fix = NOT_HU[kind]
+    with pytest.raises(InvalidScanError) as err:
+        check_hu_values(path, _not_hu(real_hu, kind), -50.0)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and problem in message, message
+    assert f"Fix: {fix}" in message or fix in message.split("Fix:")[1], message
+    check_hu_values(path, _not_hu(real_hu, kind), None)  # the check can be turned off
+
+
+def test_hu_check_reads_the_whole_volume_before_refusing() -> None:
+    """The strided look may miss a small air pocket; the full pass then finds it."""
+    data = np.full((9, 9, 9), 40, dtype=np.int16)
+    data[1, 2, 3] = -1000  # off the every-fourth-voxel lattice
+    check_hu_values(Path("x.nii"), data, -50.0)
+    data[1, 2, 3] = 40
+    with pytest.raises(InvalidScanError, match="every voxel is 40"):
+        check_hu_values(Path("x.nii"), data, -50.0)
+
+
+def test_a_scan_in_place_of_the_label_is_named_a_scan(real_hu: np.ndarray) -> None:
+    path = Path("labelsTr/case.nii.gz")
+    with pytest.raises(LabelValueError) as err:
+        check_label_values(path, real_hu)
+    message = str(err.value)
+    assert "distinct values" in message and "looks like a CT scan in HU, not a label" in message
+    assert "may be swapped" in message
+    with pytest.raises(LabelValueError, match="found 3, 7"):  # a few stray ids stay plain
+        check_label_values(path, np.array([0, 1, 3, 7], dtype=np.int16))
+
+
+def test_swapped_liver_and_tumour_codes_are_warned(real_ct: tuple[Path, Path]) -> None:
+    """The real liver mask with a lesion inside: fine as it is, warned with its codes
+    swapped, and not warned when a large tumour fills the liver from within."""
+    liver = np.asarray(nib.load(real_ct[1]).dataobj) > 0
+    centre = np.round(np.argwhere(liver).mean(axis=0)).astype(int)
+    grid = np.indices(liver.shape)
+    label = liver.astype(np.uint8)
+    lesion = ((grid - centre[:, None, None, None]) ** 2).sum(axis=0) <= 4**2
+    label[lesion & liver] = 2
+    path = Path("labelsTr/case.nii.gz")
+    assert swapped_codes_finding(path, label) is None
+    swapped = np.choose(label, [0, 2, 1]).astype(np.uint8)
+    warning = swapped_codes_finding(path, swapped)
+    assert warning is not None and warning.startswith(f"{path}: the label has more tumour")
+    assert "codes look swapped" in warning and "Fix: remap the label" in warning
+    eroded = liver.copy()  # a tumour that leaves only a 2-voxel rim of liver
+    for axis in range(3):
+        for shift in (1, 2, -1, -2):
+            eroded &= np.roll(liver, shift, axis=axis)
+    burden = np.where(eroded, 2, liver).astype(np.uint8)
+    assert (burden == 2).sum() > (burden == 1).sum()
+    assert swapped_codes_finding(path, burden) is None
 
 
 def test_image_label_grids_must_agree(tmp_path: Path) -> None:

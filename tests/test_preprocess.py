@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, write_nifti
+from conftest import REPO, ct_volume, write_nifti
 
 from liverpipe.geometry import world_of_indices
 from liverpipe.io import read_header, read_voxels
@@ -158,7 +158,7 @@ def test_incremental_reruns(tmp_path: Path, phantom_dir: Path) -> None:
 def test_bad_cases_are_recorded_and_good_ones_stored(tmp_path: Path, phantom_dir: Path) -> None:
     data = Path(shutil.copytree(phantom_dir, tmp_path / "data"))
     (data / "dataset.json").unlink()
-    write_nifti(data / "imagesTr" / "badlabel.nii.gz", np.zeros((8, 8, 8), np.int16))
+    write_nifti(data / "imagesTr" / "badlabel.nii.gz", ct_volume((8, 8, 8)))
     write_nifti(data / "labelsTr" / "badlabel.nii.gz", np.full((8, 8, 8), 7, np.uint8))
     write_nifti(data / "imagesTr" / "nolabel.nii.gz", np.zeros((8, 8, 8), np.int16))
     summary = preprocess_dataset(data, tmp_path / "s.zarr", _settings(), serial_runner)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import REPO, write_nifti
+from conftest import REPO, ct_volume, write_nifti
 
 from storage import SliceStore
 
@@ -72,7 +72,7 @@ def test_cli_exit_code_1_with_bad_case_and_good_cases_stored(
 ) -> None:
     data = Path(shutil.copytree(phantom_dir, tmp_path / "d"))
     (data / "dataset.json").unlink()
-    write_nifti(data / "imagesTr" / "bad.nii.gz", np.zeros((8, 8, 8), np.int16))
+    write_nifti(data / "imagesTr" / "bad.nii.gz", ct_volume((8, 8, 8)))
     write_nifti(data / "labelsTr" / "bad.nii.gz", np.full((8, 8, 8), 9, np.uint8))
     result = _run(
         "preprocess", str(data), "--store", str(tmp_path / "s.zarr"), "--config", TINY, check_rc=1

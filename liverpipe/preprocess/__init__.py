@@ -68,9 +68,11 @@ from liverpipe.preprocess.validate import (
     check_affines_match,
     check_case,
     check_dataset,
+    check_hu_values,
     check_image_values,
     check_label_values,
     check_series,
+    swapped_codes_finding,
 )
 
 __all__ = [
@@ -96,6 +98,7 @@ __all__ = [
     "check_case",
     "check_dataset",
     "check_grid_size",
+    "check_hu_values",
     "check_image_values",
     "check_label_values",
     "check_series",
@@ -131,5 +134,6 @@ __all__ = [
     "serial_runner",
     "slice_counts",
     "stored_grid",
+    "swapped_codes_finding",
     "widen_to_body",
 ]

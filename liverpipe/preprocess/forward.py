@@ -50,8 +50,10 @@ from liverpipe.preprocess.kernels import (
 )
 from liverpipe.preprocess.validate import (
     check_affines_match,
+    check_hu_values,
     check_image_values,
     check_label_values,
+    swapped_codes_finding,
 )
 from liverpipe.settings import CheckConfig, PreprocessConfig
 from storage import Intensity
@@ -185,6 +187,7 @@ def _forward_case(
     check_image_values(image_info.path, data)
     geometry = CanonicalGeometry.of(image_info.shape, image_info.affine)
     check_thickness(image_info, geometry, config, limits)
+    check_hu_values(image_info.path, data, limits.max_lowest_hu)
     canonical = canonical_view(data, geometry)  # a view: resampled slab by slab
     body = body_footprint(canonical, config.body_threshold_hu)
     grid = stored_grid(geometry, body.centre, config)
@@ -207,10 +210,10 @@ def _forward_case(
     label, label_sha, label_outside, label_voxels = None, None, None, None
     warnings = list(image_info.warnings)
     if label_info is not None:
-        label, label_sha, label_outside, label_voxels = _forward_label(
+        label, label_sha, label_outside, label_voxels, found = _forward_label(
             label_info, geometry, model_grid, window, config
         )
-        warnings += label_info.warnings
+        warnings += [*label_info.warnings, *found]
     fov = FovReport(
         body_outside,
         label_outside,
@@ -246,9 +249,9 @@ def _forward_label(
     grid: Grid,
     window: tuple[float, float, float, float],
     config: PreprocessConfig,
-) -> tuple[np.ndarray, str, float, int]:
-    """The label on ``grid`` (uint8), its file hash, its fraction outside ``window`` and
-    its count of labelled voxels on the scan's grid."""
+) -> tuple[np.ndarray, str, float, int, list[str]]:
+    """The label on ``grid`` (uint8), its file hash, its fraction outside ``window``, its
+    count of labelled voxels on the scan's grid and its warnings."""
     data, sha = read_voxels_hashed(info)
     check_label_values(info.path, data)
     data = data.astype(np.uint8, copy=False)  # validated 0/1/2: free float labels now
@@ -258,7 +261,8 @@ def _forward_label(
     cropped = crop_to_labels(canonical, geometry.canonical_affine)
     del data, canonical  # only the labelled part is kept from here on
     if cropped is None:
-        return np.zeros(grid.shape, dtype=np.uint8), sha, outside, voxels
+        return np.zeros(grid.shape, dtype=np.uint8), sha, outside, voxels, []
     crop, affine = cropped
+    found = swapped_codes_finding(info.path, crop)
     resampled = resample_label(crop, affine, grid, config.label_interpolation)
-    return resampled, sha, outside, voxels
+    return resampled, sha, outside, voxels, [found] if found else []

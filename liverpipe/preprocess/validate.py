@@ -60,13 +60,17 @@ __all__ = [
     "check_affines_match",
     "check_case",
     "check_dataset",
+    "check_hu_values",
     "check_image_values",
     "check_label_values",
     "check_series",
+    "swapped_codes_finding",
 ]
 
 T = TypeVar("T")
 _VALID_LABELS = frozenset(int(v) for v in Label)
+#: A "label" with more distinct values than this, reaching below this HU, is a scan.
+_SCAN_LIKE_VALUES, _SCAN_LIKE_HU = 32, -100
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,62 @@ def check_image_values(path: Path, data: np.ndarray) -> None:
         )
 
 
+def check_hu_values(path: Path, data: np.ndarray, max_lowest_hu: float | None) -> None:
+    """Raise InvalidScanError when no voxel lies below ``max_lowest_hu``: the values are
+    not HU, and the message says what they look like instead.
+
+    A CT in HU holds fat and air (about -100 and -1000 HU). One strided look at every
+    fourth voxel of each axis finds air in any real scan; the whole volume is read only
+    when that look finds none.
+    """
+    if max_lowest_hu is None or data.size == 0:
+        return
+    look = data[(slice(None, None, 4),) * data.ndim]
+    if look.min() < max_lowest_hu or data.min() < max_lowest_hu:
+        return
+    low, high = float(data.min()), float(data.max())
+    raise InvalidScanError(path, *_not_hu(data, low, high, max_lowest_hu))
+
+
+#: Shapes of values that are not HU: bytes; z-scores or [0, 1] (lowest value near 0,
+#: highest at most 50); HU + 1024 (air near 0, bone and contrast far above 500).
+_BYTE_MAX, _NEAR_ZERO, _NORMALISED_MAX, _BONE_UNSCALED = 255, 10, 50, 500
+_IN_HU = (
+    "export the scan in Hounsfield units (DICOM: apply RescaleSlope and RescaleIntercept, "
+    "as `liverpipe convert` does), or set scl_slope/scl_inter in the NIfTI header"
+)
+_REALLY_HU = "; if the scan really is in HU, lower or turn off [check] max_lowest_hu"
+
+
+def _not_hu(data: np.ndarray, low: float, high: float, limit: float) -> tuple[str, str]:
+    """(problem, fix) for values with no voxel below ``limit``: what they look like."""
+    seen = f"no voxel is below {limit:g} HU (values {low:g} to {high:g})"
+    if low == high:
+        return f"every voxel is {low:g}: the scan is blank", "export or copy the scan again"
+    integers = data.dtype.kind in "iu"
+    if integers and low >= 0 and high <= max(_VALID_LABELS):
+        found = ", ".join(f"{v:g}" for v in np.unique(data))
+        return (
+            f"{seen}: only the values {found}, as in a label map",
+            "check that the image and the label are not swapped: the scan belongs in "
+            "imagesTr/, its label under the same name in labelsTr/",
+        )
+    if integers and low >= 0 and high <= _BYTE_MAX:
+        return f"{seen}: an 8-bit image (a windowed export), not HU", _IN_HU
+    if abs(low) <= _NEAR_ZERO and high <= _NORMALISED_MAX:
+        return f"{seen}: the values look normalised, not HU", _IN_HU + _REALLY_HU
+    if low >= -_NEAR_ZERO and high >= _BONE_UNSCALED:
+        return (
+            f"{seen}: the values look stored without their rescale intercept (air at "
+            f"{low:g} instead of about -1000; the intercept is usually -1024)",
+            _IN_HU + _REALLY_HU,
+        )
+    return (
+        f"{seen}, while a CT in HU holds fat (about -100) and air (about -1000)",
+        _IN_HU + _REALLY_HU,
+    )
+
+
 def check_label_values(path: Path, data: np.ndarray) -> None:
     """Raise LabelValueError unless every voxel is an integral value in {0, 1, 2}.
 
@@ -129,12 +189,58 @@ def _check_label_slab(path: Path, data: np.ndarray) -> None:
             )
     if data.size and (data.min() < 0 or data.max() > max(_VALID_LABELS)):
         values = np.unique(data)
+        if values.size > _SCAN_LIKE_VALUES and values[0] < _SCAN_LIKE_HU:
+            raise LabelValueError(
+                path,
+                f"label values must be 0 (background), 1 (liver) or 2 (tumour), found "
+                f"{values.size} distinct values, from {values[0]:g} to {values[-1]:g}: this "
+                "looks like a CT scan in HU, not a label",
+                "check that the file in labelsTr/ is the label of the scan of the same name in "
+                "imagesTr/ (the two may be swapped)",
+            )
         extra = [f"{v:g}" for v in values if int(v) not in _VALID_LABELS][:8]
         raise LabelValueError(
             path,
             f"label values must be 0 (background), 1 (liver) or 2 (tumour), found {', '.join(extra)}",
             "map the other values to 0/1/2 (e.g. several tumour ids to 2) before ingest",
         )
+
+
+def swapped_codes_finding(path: Path, label: np.ndarray) -> str | None:
+    """A warning when a validated label's liver (1) and tumour (2) codes look swapped.
+
+    A tumour lies in the liver: most of the liver's surface meets the background, little
+    of the tumour's does. The warning needs both signs of a swap: more tumour than liver,
+    and more tumour surface than liver surface against the background (counted on the
+    label's own grid; surfaces only when the counts already disagree).
+    """
+    liver = int(np.count_nonzero(label == Label.LIVER))
+    tumour = int(np.count_nonzero(label == Label.TUMOUR))
+    if tumour <= liver:
+        return None
+    liver_faces, tumour_faces = (
+        _faces_with_background(label, code) for code in (Label.LIVER, Label.TUMOUR)
+    )
+    if tumour_faces <= liver_faces:
+        return None
+    return (
+        f"{path}: the label has more tumour (2: {tumour} voxels) than liver (1: {liver}), "
+        f"and the tumour meets the background on {tumour_faces} voxel faces where the "
+        f"liver does on {liver_faces}: the liver and tumour codes look swapped, which "
+        "would train the models to call the liver tumour. Fix: remap the label (liver 1, "
+        "tumour 2); if it is right (a liver mostly replaced by tumour), ignore this warning."
+    )
+
+
+def _faces_with_background(label: np.ndarray, code: int) -> int:
+    """Voxel faces where ``code`` meets background (0), over the three axes."""
+    faces = 0
+    for axis in range(label.ndim):
+        a = np.moveaxis(label, axis, 0)
+        lo, hi = a[:-1], a[1:]
+        faces += int(np.count_nonzero((lo == code) & (hi == 0)))
+        faces += int(np.count_nonzero((hi == code) & (lo == 0)))
+    return faces
 
 
 def check_affines_match(image: NiftiInfo, label: NiftiInfo, tolerance_mm: float) -> None:
@@ -178,12 +284,16 @@ def check_case(
     coverage = None
     if image is not None:
         coverage = _guard(errors, _image_coverage, image, preprocess, limits)
-    label_columns_ = None
+    label_columns_: np.ndarray | None = None
+    label_warnings: list[str] = []
     if label is not None:
-        label_columns_ = _guard(errors, _label_columns, label, coverage)
+        found_label = _guard(errors, _label_columns, label, coverage)
+        if found_label is not None:
+            label_columns_, label_warnings = found_label
     if image is not None and label is not None:
         _guard(errors, check_affines_match, image, label, limits.affine_tolerance_mm)
     warnings = [*(image.warnings if image else ()), *(label.warnings if label else ())]
+    warnings += label_warnings
     fov = None
     if coverage is not None and image is not None:
         body, geometry, grid = coverage
@@ -220,6 +330,7 @@ def _image_coverage(
     check_image_values(image.path, data)
     geometry = CanonicalGeometry.of(image.shape, image.affine)
     check_thickness(image, geometry, preprocess, limits)
+    check_hu_values(image.path, data, limits.max_lowest_hu)
     body = body_footprint(canonical_view(data, geometry), preprocess.body_threshold_hu)
     grid = stored_grid(geometry, body.centre, preprocess)
     check_grid_size(image.path, grid, limits)
@@ -230,13 +341,17 @@ def _image_coverage(
 
 def _label_columns(
     label: NiftiInfo, coverage: tuple[BodyFootprint, CanonicalGeometry, Grid] | None
-) -> np.ndarray | None:
-    """Check the label values; its per-column counts on the image's canonical grid."""
+) -> tuple[np.ndarray | None, list[str]]:
+    """Check the label values; its per-column counts on the image's canonical grid (None
+    without one) and its warnings."""
     data = read_voxels(label)
     check_label_values(label.path, data)
+    data = data.astype(np.uint8, copy=False)  # validated 0/1/2
+    found = swapped_codes_finding(label.path, data)
+    warnings = [found] if found else []
     if coverage is None or data.shape != coverage[1].original_shape:
-        return None
-    return label_columns(canonical_view(data, coverage[1]))
+        return None, warnings
+    return label_columns(canonical_view(data, coverage[1])), warnings
 
 
 def check_dataset(

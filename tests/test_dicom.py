@@ -194,17 +194,23 @@ def test_undecodable_pixel_data_names_the_transfer_syntax(
         read_series(series)
 
 
-@pytest.mark.parametrize("damage", ["cut", "no-pixels"])
+@pytest.mark.parametrize("damage", ["cut", "short", "no-pixels"])
 def test_a_damaged_slice_is_named_not_blamed_on_the_transfer_syntax(
     real_series: Path, tmp_path: Path, damage: str
 ) -> None:
-    """A slice cut short (a copy that stopped) or without pixel data makes the decoder
-    fail; the error names that file instead of suggesting another transfer syntax."""
+    """A slice cut short (a copy that stopped), one whose pixel data element holds half
+    the image (which GDCM would pad without a word) or one without pixel data: the
+    error names that file instead of suggesting another transfer syntax."""
     folder = _copy(real_series, tmp_path / damage, lambda i, ds: ds.decompress())
     victim = sorted(folder.iterdir())[7]
     if damage == "cut":
         victim.write_bytes(victim.read_bytes()[:-200_000])
-        expected = f"{victim.name} is cut short: its pixel data holds"
+        expected = f"{victim.name} is cut short: its pixel data holds 324288 of 524288 bytes"
+    elif damage == "short":
+        ds = pydicom.dcmread(victim)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        ds.save_as(victim)
+        expected = f"{victim.name} is cut short: its pixel data holds 262144 of 524288 bytes"
     else:
         ds = pydicom.dcmread(victim)
         del ds.PixelData

@@ -48,6 +48,8 @@ GAP_TOLERANCE = 0.1
 _PREAMBLE, _DICM = 128, b"DICM"
 #: Media Storage Directory Storage: a DICOMDIR, an index of a medium, not an image.
 _DICOMDIR = "1.2.840.10008.1.3.10"
+#: Element values longer than this are left on disk when a slice is checked for damage.
+_DEFER_BYTES = 4096
 #: Slices closer than this along the slice normal sit at one position (duplicates).
 _SAME_POSITION_MM = 1e-3
 
@@ -303,14 +305,14 @@ def read_series(series: DicomSeries, limits: CheckConfig | None = None) -> nib.N
     """The series as a NIfTI image in memory: voxels (column, row, slice), HU after
     RescaleSlope/Intercept (int16 when they are integral), affine in RAS+ mm."""
     spacing = check(series, limits)
+    damaged = _damaged_slice(series)  # GDCM pads short pixel data without a word
+    if damaged:
+        raise InvalidScanError(
+            series.folder, damaged, "export or copy the series again: the file is damaged"
+        )
     try:
         image = sitk.ReadImage([str(p) for p in series.files])
     except RuntimeError as err:
-        damaged = _damaged_slice(series)
-        if damaged:
-            raise InvalidScanError(
-                series.folder, damaged, "export or copy the series again: the file is damaged"
-            ) from err
         syntax = series.transfer_syntax
         name = pydicom.uid.UID(syntax).name if syntax else "unknown"
         raise InvalidScanError(
@@ -346,11 +348,13 @@ def read_series(series: DicomSeries, limits: CheckConfig | None = None) -> nib.N
 
 
 def _damaged_slice(series: DicomSeries) -> str | None:
-    """What is wrong with the first slice whose pixel data is missing or cut short, or
-    None when every slice holds its pixel data (then the decoder is the problem)."""
+    """What is wrong with the first slice that cannot be read to its end, has no pixel
+    data, or holds fewer uncompressed pixel bytes than its rows, columns and bits need;
+    None when every slice is whole. The pixel data are not read: their element's length
+    and place in the file are enough."""
     for path in series.files:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
         except Exception as err:  # pydicom raises many types on a cut file
             return f"{path.name} cannot be read to its end ({type(err).__name__}: {err})"
         if "PixelData" not in ds:
@@ -359,7 +363,11 @@ def _damaged_slice(series: DicomSeries) -> str | None:
             continue
         need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
         need *= int(ds.get("BitsAllocated", 16)) // 8
-        have = len(ds.PixelData)
+        element = ds.get_item("PixelData", keep_deferred=True)
+        if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is None:
+            have = min(element.length, path.stat().st_size - element.value_tell)
+        else:
+            have = len(ds.PixelData)
         if have < need:
             return f"{path.name} is cut short: its pixel data holds {have} of {need} bytes"
     return None

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from liverpipe import __version__
+from liverpipe._system import release_free_memory
 from liverpipe.errors import LiverpipeError
 from liverpipe.io import read_header, read_voxels
 from liverpipe.preprocess.forward import forward_case
@@ -69,7 +70,18 @@ def combine_hashes(image_sha: str, label_sha: str | None) -> str:
 
 
 def ingest_case(job: CaseJob) -> CaseResult:
-    """Validate and preprocess one case into the store; failures become results."""
+    """Validate and preprocess one case into the store; failures become results.
+
+    The worker hands the case's freed memory back to the OS when it is done: within the
+    case the allocator reuses it (see ``liverpipe.preprocess.parallel``), between cases
+    the worker stays small."""
+    try:
+        return _ingest_case(job)
+    finally:
+        release_free_memory()
+
+
+def _ingest_case(job: CaseJob) -> CaseResult:
     start = time.perf_counter()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(job.threads)
     source_sha = ""

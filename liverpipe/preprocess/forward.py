@@ -29,12 +29,12 @@ from liverpipe.preprocess.fov import (
     check_thickness,
     crop_window,
     fov_findings,
-    label_columns,
     needed_size,
     widen_to_body,
 )
 from liverpipe.preprocess.kernels import (
     Grid,
+    LabelSupport,
     ZScoreStats,
     body_footprint,
     canonical_view,
@@ -256,9 +256,9 @@ def _forward_label(
     check_label_values(info.path, data)
     data = data.astype(np.uint8, copy=False)  # validated 0/1/2: free float labels now
     canonical = canonical_view(data, geometry)
-    columns = label_columns(canonical)
-    outside, voxels = fraction_outside(columns, window), int(columns.sum())
-    cropped = crop_to_labels(canonical, geometry.canonical_affine)
+    support = LabelSupport.of(canonical)  # one pass: the columns and the crop's box
+    outside, voxels = fraction_outside(support.columns, window), int(support.columns.sum())
+    cropped = crop_to_labels(canonical, geometry.canonical_affine, support=support)
     del data, canonical  # only the labelled part is kept from here on
     if cropped is None:
         return np.zeros(grid.shape, dtype=np.uint8), sha, outside, voxels, []

@@ -18,7 +18,7 @@ import numpy as np
 from liverpipe.errors import InvalidScanError
 from liverpipe.geometry import CanonicalGeometry
 from liverpipe.io import NiftiInfo
-from liverpipe.preprocess.kernels import BodyFootprint, Grid
+from liverpipe.preprocess.kernels import BodyFootprint, Grid, LabelSupport
 from liverpipe.settings import CheckConfig, PreprocessConfig
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
 
 #: In-plane sizes of a widened prediction grid are multiples of this (the encoders' stride).
 SIZE_MULTIPLE = 32
-_SLAB = 32
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,4 @@ def fov_findings(
 def label_columns(canonical_label: np.ndarray) -> np.ndarray:
     """(Y, X) count of labelled (non-zero) voxels per column of a canonical (Z, Y, X)
     label, slab by slab (no full-size boolean temporary)."""
-    columns = np.zeros(canonical_label.shape[1:], dtype=np.int64)
-    for z0 in range(0, canonical_label.shape[0], _SLAB):
-        columns += np.count_nonzero(canonical_label[z0 : z0 + _SLAB] > 0, axis=0)
-    return columns
+    return LabelSupport.of(canonical_label).columns

@@ -20,17 +20,18 @@ from nibabel.orientations import apply_orientation
 
 from liverpipe.geometry import CanonicalGeometry, voxel_spacing
 from liverpipe.labels import Label
-from liverpipe.roi import bounding_box
 from liverpipe.settings import PreprocessConfig
 
 __all__ = [
     "BODY_STEPS",
     "BodyFootprint",
     "Grid",
+    "LabelSupport",
     "ZScoreStats",
     "body_centre",
     "body_footprint",
     "canonical_view",
+    "crop_to_labels",
     "edge_clamped_slab",
     "encode",
     "fraction_outside",
@@ -201,11 +202,18 @@ def stored_grid(
 
 
 def resample_to_grid(
-    canonical: np.ndarray, affine: np.ndarray, grid: Grid, interpolation: str, default: float
+    canonical: np.ndarray,
+    affine: np.ndarray,
+    grid: Grid,
+    interpolation: str,
+    default: float,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample a canonical (Z, Y, X) volume with affine ``affine`` onto ``grid``.
 
-    Returns float32 for "linear"/"bspline" and the input's integer type for "nearest".
+    Returns float32 for "linear"/"bspline" and the input's integer type for "nearest";
+    with ``out`` (of ``grid``'s shape), the values are cast into it straight from
+    SimpleITK's buffer (no intermediate copy) and ``out`` is returned.
     Feeding the canonical array (not the file's order) makes any storage order of the
     same voxels give bit-identical results. SimpleITK only needs the RAS+ frame to be
     one consistent frame for source and target.
@@ -228,7 +236,10 @@ def resample_to_grid(
         default,
         pixel,
     )
-    return sitk.GetArrayFromImage(result)
+    if out is None:
+        return sitk.GetArrayFromImage(result)
+    out[...] = sitk.GetArrayViewFromImage(result)
+    return out
 
 
 def resample_image(
@@ -236,7 +247,7 @@ def resample_image(
     affine: np.ndarray,
     grid: Grid,
     interpolation: str,
-    slab: int = 16,
+    slab: int = 8,
     dtype: type[np.floating[Any]] = np.float32,
 ) -> np.ndarray:
     """Resample a canonical (Z, Y, X) image onto ``grid`` in slabs of output slices.
@@ -267,7 +278,7 @@ def resample_image(
         shift_out, shift_in = np.eye(4), np.eye(4)
         shift_out[2, 3], shift_in[2, 3] = z0, first
         sub = Grid((z1 - z0, grid.shape[1], grid.shape[2]), grid.affine @ shift_out, (0, 0, 0))
-        out[z0:z1] = resample_to_grid(source, affine @ shift_in, sub, interpolation, AIR_HU)
+        resample_to_grid(source, affine @ shift_in, sub, interpolation, AIR_HU, out[z0:z1])
     return out
 
 
@@ -290,14 +301,51 @@ def edge_clamped_slab(volume: np.ndarray, start: int, stop: int) -> tuple[np.nda
     return np.ascontiguousarray(volume[index]), start - before
 
 
+@dataclass(frozen=True, eq=False)
+class LabelSupport:
+    """Where a canonical (Z, Y, X) label map is non-zero: ``columns`` (Y, X) counts its
+    labelled voxels per column, ``slices`` (Z,) says which slices hold any."""
+
+    columns: np.ndarray
+    slices: np.ndarray
+
+    @classmethod
+    def of(cls, canonical: np.ndarray, slab: int = 32) -> LabelSupport:
+        """Both in one pass, ``slab`` slices at a time: no scan-sized temporary (numpy's
+        ``count_nonzero`` along an axis is 4x slower here than a sum of the mask)."""
+        columns = np.zeros(canonical.shape[1:], dtype=np.int64)
+        slices = np.zeros(canonical.shape[0], dtype=bool)
+        for z0 in range(0, canonical.shape[0], slab):
+            labelled = canonical[z0 : z0 + slab] > 0
+            columns += labelled.sum(axis=0, dtype=np.uint16)
+            slices[z0 : z0 + slab] = labelled.reshape(labelled.shape[0], -1).any(axis=1)
+        return cls(columns, slices)
+
+    def box(self, margin: int) -> tuple[slice, slice, slice] | None:
+        """The (Z, Y, X) bounding box of the labelled voxels grown by ``margin``, or None."""
+        z = np.flatnonzero(self.slices)
+        if z.size == 0:
+            return None
+        y, x = np.flatnonzero(self.columns.any(axis=1)), np.flatnonzero(self.columns.any(axis=0))
+        shape = (self.slices.size, *self.columns.shape)
+        return tuple(  # type: ignore[return-value]
+            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, n))
+            for hits, n in zip((z, y, x), shape, strict=True)
+        )
+
+
 def crop_to_labels(
-    canonical: np.ndarray, affine: np.ndarray, margin: int = 2
+    canonical: np.ndarray,
+    affine: np.ndarray,
+    margin: int = 2,
+    support: LabelSupport | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The labelled part of a canonical (Z, Y, X) label map plus ``margin`` voxels (uint8,
     contiguous; the input itself when nothing can be cut) and its affine; None when
     nothing is labelled. Found slab by slab: no temporary is the size of the scan, and
-    masks built on the crop are the size of the liver, not of the scan."""
-    box = _support(canonical, margin)
+    masks built on the crop are the size of the liver, not of the scan. ``support``, the
+    map's :class:`LabelSupport` when the caller has it, saves a pass over the scan."""
+    box = _support(canonical, margin) if support is None else support.box(margin)
     if box is None:
         return None
     shift = np.eye(4)
@@ -390,28 +438,10 @@ def _resample_in_box(
     out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = encode_values(resampled)
 
 
-def _support(mask: np.ndarray, margin: int, slab: int = 32) -> tuple[slice, slice, slice] | None:
-    """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``;
-    ``slab`` slices at a time, so no temporary is larger than a slab."""
-    boxes = [
-        (z0, found)
-        for z0 in range(0, mask.shape[0], slab)
-        if (found := bounding_box(mask[z0 : z0 + slab])) is not None
-    ]
-    if not boxes:
-        return None
-    box = (
-        slice(boxes[0][0] + boxes[0][1][0].start, boxes[-1][0] + boxes[-1][1][0].stop),
-        slice(min(b[1].start for _, b in boxes), max(b[1].stop for _, b in boxes)),
-        slice(min(b[2].start for _, b in boxes), max(b[2].stop for _, b in boxes)),
-    )
-    if box is None:
-        return None
-    z, y, x = (
-        slice(max(s.start - margin, 0), min(s.stop + margin, n))
-        for s, n in zip(box, mask.shape, strict=True)
-    )
-    return z, y, x
+def _support(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box (Z, Y, X slices) of a mask's non-zero voxels, grown by ``margin``
+    (see :class:`LabelSupport`: no temporary is larger than a slab)."""
+    return LabelSupport.of(mask).box(margin)
 
 
 def normalize_ct(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:

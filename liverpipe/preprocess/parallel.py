@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 from liverpipe._system import available_cpus
@@ -24,6 +25,13 @@ __all__ = ["dask_client", "dask_map", "dask_task_runner", "local_cluster_kwargs"
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. glibc then maps every
+# large array afresh and faults it in page by page: 150,000 page faults and a quarter of
+# the time of a preprocessing task here (docs/benchmarks.md). The workers of liverpipe's
+# LocalClusters keep glibc's own thresholds, which reuse freed memory within a case;
+# ``ingest_case`` hands it back to the OS after each case.
+dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
 def local_cluster_kwargs(workers: int = 0) -> dict[str, Any]:

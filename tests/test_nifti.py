@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import write_nifti
 
+import liverpipe.io.nifti
 from liverpipe.errors import GeometryMismatchError, InvalidScanError, LabelValueError
-from liverpipe.io import read_header, read_voxels
+from liverpipe.io import read_header, read_labels_hashed, read_voxels, read_voxels_hashed
 from liverpipe.preprocess import (
     check_affines_match,
     check_hu_values,
@@ -139,6 +140,54 @@ def test_truncated_plain_nifti_is_refused_from_its_size(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(InvalidScanError, match="truncated"):
         read_header(path)
+
+
+LABEL = RNG.integers(0, 3, size=(128, 96, 80)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "<i2", ">i2", "<f4", ">f8", "<u2"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_labels_are_read_piece_by_piece_into_uint8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, suffix: str
+) -> None:
+    """Whatever the file's type and byte order: the uint8 map that ``read_voxels`` gives
+    cast, the same file hash, each piece checked before it is cast, and no buffer of the
+    file's type the size of the volume."""
+    import tracemalloc
+
+    monkeypatch.setattr(liverpipe.io.nifti, "_GUNZIP_PIECE", 16 << 10)  # many pieces
+    path = write_nifti(tmp_path / f"label{suffix}", LABEL.astype(dtype))
+    info = read_header(path)
+    whole, whole_sha = read_voxels_hashed(info)
+    seen: list[np.dtype] = []
+    tracemalloc.start()
+    labels, sha = read_labels_hashed(
+        info, lambda v: seen.append(v.dtype) or check_label_values(path, v)
+    )
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert labels.dtype == np.uint8 and labels.shape == LABEL.shape and sha == whole_sha
+    assert np.array_equal(labels, whole.astype(np.uint8)) and np.array_equal(labels, LABEL)
+    assert all(d == whole.dtype for d in seen)  # checked in the file's type, native order
+    if dtype != "u1":
+        # the map and the readers' buffers; decoding whole, an int16 file alone needs 2x
+        assert len(seen) > 1 and peak < 2 * LABEL.nbytes, peak
+
+
+def test_a_bad_label_value_in_the_last_piece_or_a_cut_stream_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(liverpipe.io.nifti, "_GUNZIP_PIECE", 16 << 10)
+    bad = LABEL.astype(np.float32)
+    bad[-1, -1, -1] = 0.5  # the last voxel of the file
+    path = write_nifti(tmp_path / "bad.nii.gz", bad)
+    with pytest.raises(LabelValueError, match=r"integers, found 0\.5"):
+        read_labels_hashed(read_header(path), lambda v: check_label_values(path, v))
+    cut = write_nifti(tmp_path / "cut.nii.gz", LABEL.astype(np.int16))
+    cut.write_bytes(cut.read_bytes()[:-300])
+    with pytest.raises(InvalidScanError, match="truncated") as err:
+        read_labels_hashed(read_header(cut), lambda v: check_label_values(cut, v))
+    assert str(err.value).startswith(f"{cut}: ")
 
 
 def test_misnamed_plain_file_and_garbage(tmp_path: Path) -> None:

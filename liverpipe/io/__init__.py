@@ -15,6 +15,7 @@ from liverpipe.io.nifti import (
     file_sha256,
     is_nifti,
     read_header,
+    read_labels_hashed,
     read_voxels,
     read_voxels_hashed,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "is_nifti_header",
     "kind_of_bytes",
     "read_header",
+    "read_labels_hashed",
     "read_series",
     "read_voxels",
     "read_voxels_hashed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -32,6 +33,7 @@ __all__ = [
     "is_nifti",
     "not_a_file",
     "read_header",
+    "read_labels_hashed",
     "read_voxels",
     "read_voxels_hashed",
 ]
@@ -226,6 +228,98 @@ def _read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
         )
     data = buffer[offset:need].view(info.disk_dtype).reshape(info.shape, order="F")
     return _scaled(info, data), digest
+
+
+def read_labels_hashed(
+    info: NiftiInfo, check: Callable[[np.ndarray], None]
+) -> tuple[np.ndarray, str]:
+    """A label map's voxels as uint8 (``info.shape``, Fortran order, as :func:`read_voxels`
+    orders them) and the sha256 of the file bytes.
+
+    A uint8 file is decoded straight into its array. Any other type (int16 and float32
+    labels are common) is decoded piece by piece: ``check`` sees each piece in the file's
+    own type, scaled, and raises for values that are not labels before the piece is cast;
+    no buffer of the file's type is ever the size of the volume (a float32 label would
+    need four times the uint8 map).
+
+    Raises:
+        InvalidScanError: the file is truncated or its gzip stream is corrupt; whatever
+            ``check`` raises.
+    """
+    scaled = _proxy_float(info.image, "slope") != 1.0 or _proxy_float(info.image, "inter") != 0.0
+    if info.disk_dtype == np.uint8 and not scaled:
+        data, digest = read_voxels_hashed(info)
+        check(data)
+        return data, digest
+    try:
+        return _read_labels_hashed(info, check)
+    except LiverpipeError:
+        raise
+    except (OSError, ValueError, TypeError, ArithmeticError) as err:
+        raise InvalidScanError(
+            info.path,
+            f"the voxel data cannot be read ({type(err).__name__}: {err})",
+            "download or export the file again",
+        ) from err
+
+
+def _read_labels_hashed(
+    info: NiftiInfo, check: Callable[[np.ndarray], None]
+) -> tuple[np.ndarray, str]:
+    out = np.empty(info.shape, dtype=np.uint8, order="F")
+    flat = out.reshape(-1, order="F")  # a view: the file's voxel order
+    itemsize = info.disk_dtype.itemsize
+    piece = np.empty(_GUNZIP_PIECE - _GUNZIP_PIECE % itemsize, dtype=np.uint8)
+    sha = hashlib.sha256()
+    filled = 0
+    with info.path.open("rb", buffering=0) as fh:
+        raw = _HashingReader(fh, sha)
+        source = io.BufferedReader(raw, _GUNZIP_PIECE)
+        stream: Any = igzip.GzipFile(fileobj=source) if info.path.name.endswith(".gz") else source
+        try:
+            with stream:
+                skip = _proxy_int(info.image, "offset")
+                while skip > 0 and (n := _fill(stream, piece.data[: min(skip, piece.size)])):
+                    skip -= n
+                while skip == 0 and filled < flat.size:
+                    want = min(piece.size, (flat.size - filled) * itemsize)
+                    n = _fill(stream, piece.data[:want])
+                    if n < want:
+                        break
+                    values = _scaled(info, piece[:n].view(info.disk_dtype))
+                    check(values)
+                    flat[filled : filled + values.size] = values
+                    filled += values.size
+        except LiverpipeError:
+            raise
+        except Exception as err:  # isal raises EOFError, OSError, ValueError or its own error
+            if not isinstance(stream, igzip.GzipFile):
+                raise
+            raise InvalidScanError(
+                info.path,
+                f"the gzip stream is truncated or corrupt ({err})",
+                "download or export the file again; `gzip -t FILE` confirms the damage",
+            ) from err
+        raw.drain()
+    if filled < flat.size:
+        need = _proxy_int(info.image, "offset") + flat.size * itemsize
+        raise InvalidScanError(
+            info.path,
+            f"the file holds fewer bytes of header and data than the header needs ({need})",
+            "the file is truncated; download or export it again",
+        )
+    return out, sha.hexdigest()
+
+
+def _fill(stream: Any, into: memoryview) -> int:
+    """Read into all of ``into`` unless the stream ends first; returns the bytes read."""
+    got = 0
+    while got < len(into):
+        n = stream.readinto(into[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def file_sha256(path: Path) -> str:

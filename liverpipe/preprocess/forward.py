@@ -22,7 +22,7 @@ import numpy as np
 
 from liverpipe.errors import ConfigError, InvalidScanError, LiverpipeError
 from liverpipe.geometry import CanonicalGeometry
-from liverpipe.io import NiftiInfo, read_header, read_voxels_hashed
+from liverpipe.io import NiftiInfo, read_header, read_labels_hashed, read_voxels_hashed
 from liverpipe.preprocess.fov import (
     FovReport,
     check_grid_size,
@@ -252,9 +252,7 @@ def _forward_label(
 ) -> tuple[np.ndarray, str, float, int, list[str]]:
     """The label on ``grid`` (uint8), its file hash, its fraction outside ``window``, its
     count of labelled voxels on the scan's grid and its warnings."""
-    data, sha = read_voxels_hashed(info)
-    check_label_values(info.path, data)
-    data = data.astype(np.uint8, copy=False)  # validated 0/1/2: free float labels now
+    data, sha = read_labels_hashed(info, lambda values: check_label_values(info.path, values))
     canonical = canonical_view(data, geometry)
     support = LabelSupport.of(canonical)  # one pass: the columns and the crop's box
     outside, voxels = fraction_outside(support.columns, window), int(support.columns.sum())

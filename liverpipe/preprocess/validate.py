@@ -31,6 +31,7 @@ from liverpipe.io import (
     NiftiInfo,
     find_series,
     read_header,
+    read_labels_hashed,
     read_voxels,
     write_nifti,
 )
@@ -344,9 +345,7 @@ def _label_columns(
 ) -> tuple[np.ndarray | None, list[str]]:
     """Check the label values; its per-column counts on the image's canonical grid (None
     without one) and its warnings."""
-    data = read_voxels(label)
-    check_label_values(label.path, data)
-    data = data.astype(np.uint8, copy=False)  # validated 0/1/2
+    data, _ = read_labels_hashed(label, lambda values: check_label_values(label.path, values))
     found = swapped_codes_finding(label.path, data)
     warnings = [found] if found else []
     if coverage is None or data.shape != coverage[1].original_shape:

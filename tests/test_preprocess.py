@@ -445,3 +445,33 @@ def test_a_lone_case_or_two_always_leave_one_to_train_on() -> None:
     assert assign_splits(not_train[:1], {}, (0.0, 0.5, 0.5), "liverpipe") != {
         not_train[0]: "train"
     }  # a zero train share is respected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_support_is_the_bounding_box_and_the_column_counts(seed: int) -> None:
+    """One pass gives what the label's crop and its field-of-view report need: the box of
+    the labelled voxels (grown by the margin, clipped to the volume) and the count of
+    labelled voxels per column, on a strided view as canonical views are."""
+    from liverpipe.preprocess import LabelSupport
+
+    rng = np.random.default_rng(seed)
+    label = np.zeros((37, 29, 23), dtype=np.uint8)
+    z, y, x = (sorted(rng.integers(0, n, 2)) for n in label.shape)
+    label[z[0] : z[1] + 1, y[0] : y[1] + 1, x[0] : x[1] + 1] = rng.integers(
+        0, 3, (z[1] - z[0] + 1, y[1] - y[0] + 1, x[1] - x[0] + 1)
+    )
+    view = label[:, ::-1, :]  # a flipped, non-contiguous view
+    support = LabelSupport.of(view, slab=5)
+    assert np.array_equal(support.columns, (view > 0).sum(axis=0))
+    hits = np.nonzero(view)
+    for margin in (0, 2, 40):
+        expected = (
+            tuple(
+                slice(max(int(h.min()) - margin, 0), min(int(h.max()) + 1 + margin, n))
+                for h, n in zip(hits, view.shape, strict=True)
+            )
+            if hits[0].size
+            else None
+        )
+        assert support.box(margin) == expected
+    assert LabelSupport.of(np.zeros((4, 5, 6), np.uint8)).box(2) is None

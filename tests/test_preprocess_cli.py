@@ -148,3 +148,20 @@ def test_external_cluster_gives_the_same_store(
         for x, y in zip(ca.load(), cb.load(), strict=True):
             np.testing.assert_array_equal(x, y)
         assert ca.meta == cb.meta
+
+
+def test_local_cluster_workers_keep_glibc_malloc_thresholds() -> None:
+    """Dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536 (a page fault
+    storm on every large array, docs/preprocessing.md); liverpipe's LocalCluster workers
+    start without it and can trim their heap after each case."""
+    import dask
+
+    from liverpipe._system import _malloc_trim
+    from liverpipe.preprocess import dask_client
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"] is None
+    with dask_client(1) as client:
+        found = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+        trims = client.run(lambda: _malloc_trim() is not None)
+    assert list(found.values()) == [None]
+    assert list(trims.values()) == [sys.platform == "linux"]

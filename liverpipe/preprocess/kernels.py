@@ -517,9 +517,12 @@ def hu_statistics(
 #: Every float16 bit pattern, and its value (NaN patterns sort last and are never counted:
 #: the scan's values are checked finite and HU stay far inside float16's range).
 _FLOAT16_PATTERNS = 1 << 16
-_FLOAT16_VALUES = np.arange(_FLOAT16_PATTERNS, dtype=np.uint32).astype(np.uint16).view(
-    np.float16
-).astype(np.float64)
+_FLOAT16_VALUES = (
+    np.arange(_FLOAT16_PATTERNS, dtype=np.uint32)
+    .astype(np.uint16)
+    .view(np.float16)
+    .astype(np.float64)
+)
 
 
 def _histogram_stats(counts: np.ndarray) -> dict[str, float] | None:

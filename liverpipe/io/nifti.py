@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -190,8 +191,15 @@ def read_voxels(info: NiftiInfo) -> np.ndarray:
 
 def read_voxels_hashed(info: NiftiInfo) -> tuple[np.ndarray, str]:
     """:func:`read_voxels` plus the sha256 of the file bytes that were decoded."""
-    try:
+    with _unreadable_is_invalid(info):
         return _read_voxels_hashed(info)
+
+
+@contextmanager
+def _unreadable_is_invalid(info: NiftiInfo) -> Iterator[None]:
+    """An error of the readers' libraries on ``info``'s data becomes an InvalidScanError."""
+    try:
+        yield
     except LiverpipeError:
         raise
     except (OSError, ValueError, TypeError, ArithmeticError) as err:
@@ -246,21 +254,12 @@ def read_labels_hashed(
         InvalidScanError: the file is truncated or its gzip stream is corrupt; whatever
             ``check`` raises.
     """
-    scaled = _proxy_float(info.image, "slope") != 1.0 or _proxy_float(info.image, "inter") != 0.0
-    if info.disk_dtype == np.uint8 and not scaled:
+    if info.disk_dtype == np.uint8 and _slope_inter(info) == (1.0, 0.0):
         data, digest = read_voxels_hashed(info)
         check(data)
         return data, digest
-    try:
+    with _unreadable_is_invalid(info):
         return _read_labels_hashed(info, check)
-    except LiverpipeError:
-        raise
-    except (OSError, ValueError, TypeError, ArithmeticError) as err:
-        raise InvalidScanError(
-            info.path,
-            f"the voxel data cannot be read ({type(err).__name__}: {err})",
-            "download or export the file again",
-        ) from err
 
 
 def _read_labels_hashed(
@@ -295,11 +294,7 @@ def _read_labels_hashed(
         except Exception as err:  # isal raises EOFError, OSError, ValueError or its own error
             if not isinstance(stream, igzip.GzipFile):
                 raise
-            raise InvalidScanError(
-                info.path,
-                f"the gzip stream is truncated or corrupt ({err})",
-                "download or export the file again; `gzip -t FILE` confirms the damage",
-            ) from err
+            raise _damaged_gzip(info, err) from err
         raw.drain()
     if filled < flat.size:
         need = _proxy_int(info.image, "offset") + flat.size * itemsize
@@ -330,8 +325,7 @@ def file_sha256(path: Path) -> str:
 
 def _scaled(info: NiftiInfo, data: np.ndarray) -> np.ndarray:
     """Apply scl_slope/scl_inter in float32; make the byte order native."""
-    # A loaded nibabel image keeps scl_slope/scl_inter on its array proxy, not its header.
-    slope, inter = _proxy_float(info.image, "slope"), _proxy_float(info.image, "inter")
+    slope, inter = _slope_inter(info)
     scaled = slope != 1.0 or inter != 0.0
     if scaled or (data.dtype.kind == "f" and data.dtype != np.float32):
         out = data.astype(np.float32, order="F")
@@ -377,12 +371,22 @@ def _gunzip_into(info: NiftiInfo, compressed: BinaryIO, out: memoryview) -> int:
                     break
                 filled += n
     except Exception as err:  # isal raises EOFError, OSError, ValueError or its own error
-        raise InvalidScanError(
-            info.path,
-            f"the gzip stream is truncated or corrupt ({err})",
-            "download or export the file again; `gzip -t FILE` confirms the damage",
-        ) from err
+        raise _damaged_gzip(info, err) from err
     return filled
+
+
+def _damaged_gzip(info: NiftiInfo, err: Exception) -> InvalidScanError:
+    return InvalidScanError(
+        info.path,
+        f"the gzip stream is truncated or corrupt ({err})",
+        "download or export the file again; `gzip -t FILE` confirms the damage",
+    )
+
+
+def _slope_inter(info: NiftiInfo) -> tuple[float, float]:
+    """scl_slope and scl_inter (a loaded nibabel image keeps them on its array proxy, not
+    its header)."""
+    return _proxy_float(info.image, "slope"), _proxy_float(info.image, "inter")
 
 
 def _proxy_int(image: nib.Nifti1Image | nib.Nifti2Image, name: str) -> int:

@@ -120,11 +120,12 @@ def check_hu_values(path: Path, data: np.ndarray, max_lowest_hu: float | None) -
     """
     if max_lowest_hu is None or data.size == 0:
         return
-    look = data[(slice(None, None, 4),) * data.ndim]
-    if look.min() < max_lowest_hu or data.min() < max_lowest_hu:
+    if data[(slice(None, None, 4),) * data.ndim].min() < max_lowest_hu:
         return
-    low, high = float(data.min()), float(data.max())
-    raise InvalidScanError(path, *_not_hu(data, low, high, max_lowest_hu))
+    low = float(data.min())
+    if low < max_lowest_hu:
+        return
+    raise InvalidScanError(path, *_not_hu(data, low, float(data.max()), max_lowest_hu))
 
 
 #: Shapes of values that are not HU: bytes; z-scores or [0, 1] (lowest value near 0,

@@ -16,6 +16,7 @@ from liverpipe.infer import (
     PostProcess,
     Predictor,
     StageModels,
+    keep_largest_liver,
     keep_seeded_lesions,
     liver_stage,
     native_labels,
@@ -317,3 +318,31 @@ def test_prediction_reads_stage_2_input_with_the_gain_training_used(
             trained = relative_gain(intensity.hu_scale, tumour.train.relative_window_hu)
             assert tumour.gain == pytest.approx(trained, rel=1e-12)
     assert relative_gain(450.0, 150.0) == 3.0
+
+
+def test_the_largest_liver_component_is_kept_with_its_tumour_and_nothing_else() -> None:
+    """keep_largest_liver works inside the liver's box only (issue 11: evaluation on
+    native grids); it must give what the whole-volume rule gives: the largest
+    26-connected component of liver and tumour, its labels unchanged, zero elsewhere,
+    and leave its input alone."""
+    import cc3d
+
+    labels = np.zeros((16, 40, 36), dtype=np.uint8)
+    labels[3:12, 5:25, 4:20] = Label.LIVER
+    labels[5:8, 10:14, 8:12] = Label.TUMOUR
+    labels[12, 25, 20] = Label.TUMOUR  # touches the big component at a corner only
+    labels[2:5, 30:36, 28:34] = Label.LIVER  # a second, smaller component
+    labels[3, 32, 30] = Label.TUMOUR
+    labels[14, 1, 1] = Label.LIVER  # a stray voxel
+    before = labels.copy()
+
+    got = keep_largest_liver(labels)
+
+    np.testing.assert_array_equal(labels, before)
+    largest = cc3d.largest_k(labels > 0, k=1, connectivity=26) > 0
+    np.testing.assert_array_equal(got, np.where(largest, labels, 0).astype(np.uint8))
+    assert got.dtype == np.uint8
+    assert got[12, 25, 20] == Label.TUMOUR and got[3, 32, 30] == 0 and got[14, 1, 1] == 0
+    empty = np.zeros((4, 5, 6), dtype=np.uint8)
+    kept = keep_largest_liver(empty)
+    assert kept is not empty and not kept.any()

@@ -242,3 +242,41 @@ def test_the_headline_scores_tumour_where_it_is_and_false_alarms_where_it_is_not
             node = node[key]
         node = node["mean"] if isinstance(node, dict) else node
         assert node == pytest.approx(c.value(finder), nan_ok=True), c.label
+
+
+@pytest.mark.parametrize("codes", ["LPS", "SAR", "IPL"])
+def test_the_overlay_holds_canonical_slices_that_own_their_memory(
+    phantom_dir: Path, tmp_path: Path, codes: str
+) -> None:
+    """The report's overlay is, for the CT, the truth and each prediction, the canonical
+    axial slice with the most liver, on any storage order; each is a copy of that one
+    slice, so an evaluation keeps slices, not a native volume per case and model."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    from liverpipe.evaluate.scoring import _axial_overlay
+    from liverpipe.geometry import to_canonical
+    from liverpipe.infer import prepare_scan
+    from liverpipe.settings import PreprocessConfig
+
+    paths = {}
+    for kind in ("imagesTr", "labelsTr"):
+        source = sorted((phantom_dir / kind).glob("*.nii*"))[0]
+        image = nib.load(source)
+        turn = ornt_transform(io_orientation(image.affine), axcodes2ornt(tuple(codes)))
+        paths[kind] = tmp_path / f"{kind}.nii.gz"
+        nib.save(image.as_reoriented(turn), paths[kind])
+    label_image = nib.load(paths["labelsTr"])
+    truth = np.asarray(label_image.dataobj).astype(np.uint8)
+    scan = prepare_scan(paths["imagesTr"], PreprocessConfig(), keep_source=True)
+    assert scan.source is not None
+    prediction = (truth == 0).astype(np.uint8)  # unlike the truth on every slice
+
+    overlay = _axial_overlay(scan, truth, {"model": prediction})
+
+    canonical_truth, _ = to_canonical(truth, label_image.affine)
+    z = int(np.argmax((canonical_truth > 0).sum(axis=(1, 2))))
+    for name, volume in (("ct", scan.source), ("truth", truth), ("model", prediction)):
+        expected = to_canonical(volume, label_image.affine)[0][z]
+        np.testing.assert_array_equal(overlay[name], expected)
+        assert overlay[name].base is None and overlay[name].flags.c_contiguous
+    assert overlay["truth"].any() and not np.array_equal(overlay["model"], overlay["truth"])

@@ -4,6 +4,7 @@ tumours, incremental reruns, bad cases, quantisation error and z-score mode."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -333,31 +334,23 @@ def test_label_crop_first_gives_the_stored_labels_of_the_whole_volume_path(
     step[:3, 3] = (0.3, -0.2, 0.25)
     grid = Grid((10, 16, 15), affine @ step, (0, 0, 0))
 
+    def put(threshold: float | None) -> Callable[[np.ndarray, np.ndarray], None]:
+        def write(target: np.ndarray, values: np.ndarray) -> None:
+            target[...] = values if threshold is None else values >= threshold
+
+        return write
+
     reference = np.zeros(grid.shape, dtype=np.uint8)  # the masks on the whole volume
     if interpolation == "nearest":
-        _resample_in_box(
-            labels, labels > 0, affine, grid, reference, "nearest", encode_values=lambda v: v
-        )
+        _resample_in_box(labels, labels > 0, affine, grid, reference, "nearest", write=put(None))
     else:
         liver, tumour = labels >= 1, labels == 2
         _resample_in_box(
-            liver.view(np.uint8),
-            liver,
-            affine,
-            grid,
-            reference,
-            "linear",
-            encode_values=lambda v: (v >= 0.5) * 1,
+            liver.view(np.uint8), liver, affine, grid, reference, "linear", write=put(0.5)
         )
-        tumour_out = np.zeros(grid.shape, dtype=np.uint8)
+        tumour_out = np.zeros(grid.shape, dtype=np.uint8)  # a whole grid of its own
         _resample_in_box(
-            tumour.view(np.uint8),
-            tumour,
-            affine,
-            grid,
-            tumour_out,
-            "linear",
-            encode_values=lambda v: v >= 0.5,
+            tumour.view(np.uint8), tumour, affine, grid, tumour_out, "linear", write=put(0.5)
         )
         reference[tumour_out > 0] = 2
     got = resample_label(labels, affine, grid, interpolation)

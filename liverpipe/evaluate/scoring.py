@@ -31,7 +31,6 @@ from liverpipe.evaluate.metrics import (
     empty_rule_text,
 )
 from liverpipe.evaluate.records import Aggregate, CaseScore, Column
-from liverpipe.geometry import to_canonical
 from liverpipe.infer import (
     PostProcess,
     Predictor,
@@ -42,6 +41,7 @@ from liverpipe.infer import (
 )
 from liverpipe.io import read_header, read_voxels
 from liverpipe.models import CheckpointMismatchError, Run, find_models, load_cascade
+from liverpipe.preprocess import canonical_view
 from liverpipe.settings import EvaluateConfig
 from storage import SPLITS, SliceStore
 
@@ -322,16 +322,18 @@ def _selection(run: Run) -> str:
 def _axial_overlay(
     scan: PreparedScan, truth: np.ndarray, predictions: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """CT (HU), truth and predictions on the canonical axial slice with the most liver."""
-    affine = scan.info.affine
+    """CT (HU), truth and predictions on the canonical axial slice with the most liver.
+
+    The volumes are looked at through canonical views and only the one slice is copied,
+    so the report keeps a slice per case, not the volumes."""
     assert scan.source is not None, "prepare_scan(keep_source=True) keeps the CT"
-    ct, _ = to_canonical(scan.source, affine)
-    t, _ = to_canonical(truth, affine)
+    t = canonical_view(truth, scan.geometry)
     z = int(np.argmax((t > 0).sum(axis=(1, 2))))
-    out = {"ct": ct[z], "truth": t[z]}
-    for name, labels in predictions.items():
-        out[name] = to_canonical(labels, affine)[0][z]
-    return out
+    volumes = {"ct": scan.source, "truth": truth, **predictions}
+    return {
+        name: canonical_view(v, scan.geometry)[z].copy()  # C order, its own memory
+        for name, v in volumes.items()
+    }
 
 
 def write_metrics(evaluation: Evaluation, out_dir: Path) -> Path:

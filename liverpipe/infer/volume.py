@@ -212,14 +212,17 @@ def to_native(
 
 def keep_largest_liver(labels: np.ndarray) -> np.ndarray:
     """Keep only the largest 26-connected component of liver (labels 1 and 2), found
-    within the liver's bounding box (a native grid has many times more voxels)."""
-    liver = labels >= Label.LIVER
-    box = bounding_box(liver)
+    within the liver's bounding box (a native grid has many times more voxels).
+
+    Outside that box every voxel is background already, so only the box is touched."""
+    out = np.array(labels, dtype=np.uint8)  # a copy: the input is left as it was
+    box = bounding_box(out)  # liver is every non-zero label
     if box is None:
-        return labels
-    keep = np.zeros_like(liver)
-    keep[box] = cc3d.largest_k(np.ascontiguousarray(liver[box]), k=1, connectivity=26) > 0
-    return np.where(keep, labels, np.uint8(0)).astype(np.uint8)
+        return out
+    inside = out[box]
+    largest = cc3d.largest_k(np.ascontiguousarray(inside >= Label.LIVER), k=1, connectivity=26)
+    inside[largest == 0] = 0
+    return out
 
 
 def tumour_inside_liver(labels: np.ndarray) -> np.ndarray:

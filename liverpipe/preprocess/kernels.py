@@ -369,36 +369,34 @@ def resample_label(
         return out
     labels, affine = cropped
     if interpolation == "nearest":
-        _resample_in_box(
-            labels, labels > 0, affine, grid, out, "nearest", encode_values=lambda v: v
-        )
+        _resample_in_box(labels, labels > 0, affine, grid, out, "nearest", write=_put)
         return out
     liver = labels >= Label.LIVER  # one mask at a time: each is the size of the crop
-    _resample_in_box(
-        liver.view(np.uint8), liver, affine, grid, out, "linear", encode_values=_as_liver
-    )
+    _resample_in_box(liver.view(np.uint8), liver, affine, grid, out, "linear", write=_put_liver)
     del liver
     tumour = labels == Label.TUMOUR
     del labels
-    tumour_out = np.zeros(grid.shape, dtype=np.uint8)
-    _resample_in_box(
-        tumour.view(np.uint8),
-        tumour,
-        affine,
-        grid,
-        tumour_out,
-        "linear",
-        encode_values=lambda v: v >= INSIDE,
-    )
-    out[tumour_out > 0] = Label.TUMOUR
+    # Tumour is marked inside the liver's output where its own mask reaches 0.5: only
+    # its box of the grid is touched, with no grid-sized temporary.
+    _resample_in_box(tumour.view(np.uint8), tumour, affine, grid, out, "linear", write=_put_tumour)
     return out
 
 
-def _as_liver(values: np.ndarray) -> np.ndarray:
+def _put(target: np.ndarray, values: np.ndarray) -> None:
+    """Resampled labels, as they are (nearest neighbour)."""
+    target[...] = values
+
+
+def _put_liver(target: np.ndarray, values: np.ndarray) -> None:
     """Interpolated liver mask -> uint8 labels (1 where it reaches 0.5), without an
     integer temporary (a bool array viewed as uint8 is 0/1, and 1 is the liver label)."""
     assert int(Label.LIVER) == 1
-    return (values >= INSIDE).view(np.uint8)
+    target[...] = (values >= INSIDE).view(np.uint8)
+
+
+def _put_tumour(target: np.ndarray, values: np.ndarray) -> None:
+    """Interpolated tumour mask -> tumour where it reaches 0.5, over what is there."""
+    target[values >= INSIDE] = Label.TUMOUR
 
 
 def _resample_in_box(
@@ -409,9 +407,10 @@ def _resample_in_box(
     out: np.ndarray,
     interpolation: str,
     *,
-    encode_values: Callable[[np.ndarray], np.ndarray],
+    write: Callable[[np.ndarray, np.ndarray], None],
 ) -> None:
-    """Resample ``values`` where ``mask`` has support, onto the matching part of ``grid``."""
+    """Resample ``values`` where ``mask`` has support, onto the matching part of ``grid``:
+    ``write(part of out, resampled)`` puts them there."""
     box = _support(mask, margin=2)
     if box is None:
         return
@@ -433,7 +432,7 @@ def _resample_in_box(
     source_shift = np.eye(4)
     source_shift[:3, 3] = (lo[0], lo[1], first)
     resampled = resample_to_grid(slab, affine @ source_shift, sub_grid, interpolation, 0)
-    out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]] = encode_values(resampled)
+    write(out[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]], resampled)
 
 
 def _support(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:

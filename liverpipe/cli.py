@@ -111,16 +111,21 @@ def synth(
 
 
 def _write_preview(out_dir: Path, images: list[Path], labels: list[Path]) -> Path:
-    from liverpipe.evaluate import PreviewCase, write_montage
-    from liverpipe.geometry import to_canonical
+    from liverpipe.geometry import CanonicalGeometry
     from liverpipe.io import case_id_of, read_header, read_voxels
+    from liverpipe.preprocess import canonical_view
+    from liverpipe.preview import PreviewCase, write_montage
 
     shown = []
     for image_path, label_path in zip(images, labels, strict=True):
         image, label = read_header(image_path), read_header(label_path)
-        hu, geometry = to_canonical(read_voxels(image), image.affine)
-        lab, _ = to_canonical(read_voxels(label), label.affine)
-        shown.append(PreviewCase(case_id_of(image_path), hu, lab.astype("uint8"), geometry.spacing))
+        hu = read_voxels(image)
+        geometry = CanonicalGeometry.of(hu.shape, image.affine)
+        lab = canonical_view(read_voxels(label), CanonicalGeometry.of(label.shape, label.affine))
+        # Views, not copies: the montage reads two slices of each volume.
+        shown.append(
+            PreviewCase(case_id_of(image_path), canonical_view(hu, geometry), lab, geometry.spacing)
+        )
     return write_montage(shown, out_dir / "preview.png")
 
 

@@ -1,5 +1,5 @@
 """Scoring: the metric kernels, the per-case and per-split evaluation of trained runs, the
-report (Markdown, HTML, JSON) and the preview montages.
+report (Markdown, HTML, JSON).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from liverpipe.evaluate.metrics import (
     pooled_score,
     surface_distances,
 )
-from liverpipe.evaluate.preview import PreviewCase, write_montage
 from liverpipe.evaluate.records import (
     Aggregate,
     CaseScore,
@@ -65,7 +64,6 @@ __all__ = [
     "EmptyRule",
     "Evaluation",
     "LesionCounts",
-    "PreviewCase",
     "Stats",
     "Table",
     "balanced_accuracy",
@@ -86,6 +84,5 @@ __all__ = [
     "pooled_score",
     "seed_table",
     "surface_distances",
-    "write_montage",
     "write_report",
 ]

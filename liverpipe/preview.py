@@ -1,4 +1,6 @@
-"""PNG montages of CT slices with label contours (matplotlib, Agg backend)."""
+"""PNG montages of CT slices with label contours (matplotlib, Agg backend).
+
+NumPy and matplotlib only (no torch), so that `liverpipe synth --preview` starts fast."""
 
 from __future__ import annotations
 

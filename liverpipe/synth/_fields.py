@@ -81,8 +81,21 @@ class Box:
 
 def smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     """Polynomial smooth minimum; blends the two surfaces over about ``k`` mm."""
-    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
-    return b + (a - b) * h - k * h * (1.0 - h)
+    # b + (a - b) h - k h (1 - h), h = clip(0.5 + 0.5 (b - a) / k), computed in place: the
+    # same operations in the same order (so the same bits), with three temporaries, not ten
+    h = np.subtract(b, a)
+    h *= 0.5
+    h /= k
+    h += 0.5
+    np.clip(h, 0.0, 1.0, out=h)
+    out = np.subtract(a, b)
+    out *= h
+    out += b
+    rest = np.subtract(1.0, h)
+    h *= k
+    h *= rest
+    out -= h
+    return out
 
 
 def ellipsoid_sdf(
@@ -91,7 +104,10 @@ def ellipsoid_sdf(
     """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid."""
     q = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
     q = q + ((z - centre[2]) / radii[2]) ** 2
-    return (np.sqrt(q) - 1.0) * float(np.min(radii))
+    np.sqrt(q, out=q)  # in place from here: one volume-sized array
+    q -= 1.0
+    q *= float(np.min(radii))
+    return q
 
 
 def segment_distance(

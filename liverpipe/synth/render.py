@@ -65,9 +65,9 @@ class _Canvas:
         hu: float | None = None,
     ) -> None:
         t, h = self.tissue[where], self.hu[where]
-        mask = np.broadcast_to(mask, t.shape)
-        t[mask] = tissue
-        h[mask] = self.lut[tissue] if hu is None else hu
+        # copyto broadcasts the mask and builds no index arrays (masks are often 2D)
+        np.copyto(t, np.uint8(tissue), where=mask)
+        np.copyto(h, self.lut[tissue] if hu is None else np.float32(hu), where=mask)
 
 
 def paint(

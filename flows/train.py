@@ -76,9 +76,9 @@ def train_all_flow(
         else:
             r = outcome.result
             logger.info(
-                "%s: %d steps, last loss %.4f, best val score %.4f (%s)",
+                "%s: %s, last loss %.4f, best val score %.4f (%s)",
                 outcome.job,
-                r.steps,
+                r.steps_text,
                 r.last_loss,
                 r.best_score,
                 outcome.device,

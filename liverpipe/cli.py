@@ -378,7 +378,7 @@ def train_cmd(
         on_step = _bar_task(bar, f"{cfg.model} {stage}", cfg.steps, cfg.batch_size)
         result = train(store, out, settings, resume=resume, on_step=on_step, stage=stage)  # type: ignore[arg-type]
     typer.echo(
-        f"trained {cfg.model} ({stage}) for {result.steps} steps into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
+        f"trained {cfg.model} ({stage}) for {result.steps_text} into {out}: last loss {result.last_loss:.4f}, best val score {result.best_score:.4f}"
     )
 
 
@@ -444,7 +444,7 @@ def train_all_cmd(
             return
         r = outcome.result
         typer.echo(
-            f"{outcome.job}: {r.steps} steps, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
+            f"{outcome.job}: {r.steps_text}, last loss {r.last_loss:.4f}, best val score {r.best_score:.4f} ({outcome.device})"
         )
 
     def start(job: str) -> Callable[[int, float], None]:

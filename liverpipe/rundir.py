@@ -100,6 +100,8 @@ class RunResult:
     thresholds_tried: Mapping[str, float | None] = field(default_factory=dict)
     #: The lesion seed the candidates were decided with (None: none, runs before it).
     threshold_seed: float | None = None
+    #: The steps planned, where a time budget (``max_minutes``) trained fewer.
+    planned_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = strict_json(asdict(self))
@@ -123,6 +125,9 @@ class RunResult:
                 thresholds_tried=dict(data.get("thresholds_tried", {})),
                 threshold_seed=(
                     None if data.get("threshold_seed") is None else float(data["threshold_seed"])
+                ),
+                planned_steps=(
+                    None if data.get("planned_steps") is None else int(data["planned_steps"])
                 ),
             )
         except (KeyError, TypeError, ValueError) as err:

@@ -35,6 +35,7 @@ __all__ = [
     "Stage",
     "StoreConfig",
     "SynthConfig",
+    "TrainAllConfig",
     "TrainConfig",
     "TumourAugmentConfig",
     "TumourConfig",
@@ -287,6 +288,13 @@ class TrainConfig(_Frozen):
         description="Training length in epochs over the train split (its slices; for the "
         "tumour stage, its slices inside the liver's bounding box); overrides steps.",
     )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Time budget of the training steps: after 35 steps the job caps its "
+        "steps once to what fits at its measured speed, and the schedule decays over the "
+        "cap (validation runs outside it; a resume keeps the cap). None: no budget.",
+    )
     downsample: int = Field(
         1,
         ge=1,
@@ -368,6 +376,20 @@ class TumourConfig(TrainConfig):
         (0.5, 0.0), description="Batch fractions drawn from tumour slices and liver slices."
     )
     augment: TumourAugmentConfig = TumourAugmentConfig()
+
+
+class TrainAllConfig(_Frozen):
+    """How ``train-all`` schedules its six jobs (``liverpipe train-all``, the flow)."""
+
+    minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget of the training: each job, when it starts, gets "
+        "its share of the minutes left as its max_minutes (the lanes' time less what "
+        "running jobs still plan to use, in the part its cost is of the jobs not yet "
+        "started), so what a fast job leaves goes to those after it. Validation runs "
+        "outside it. None: no budget.",
+    )
 
 
 class IngestConfig(_Frozen):
@@ -462,6 +484,7 @@ class Settings(_Frozen):
     store: StoreConfig = StoreConfig()
     train: TrainConfig = TrainConfig()
     tumour: TumourConfig = TumourConfig()
+    train_all: TrainAllConfig = TrainAllConfig()
     ingest: IngestConfig = IngestConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()

@@ -1,12 +1,13 @@
 """Training from the slice store: sampling and the streaming/resident sources,
 augmentation (with synthetic lesions for the tumour stage), the training loop with its
-validation and stage-specific parts, and the launcher that trains every model of a run
-(``python -m liverpipe.train`` is one job).
+validation and stage-specific parts, a time budget that caps a job's steps, and the
+launcher that trains every model of a run (``python -m liverpipe.train`` is one job).
 """
 
 from __future__ import annotations
 
 from liverpipe.train.augment import augment_batch
+from liverpipe.train.budget import StepBudget, StepCap
 from liverpipe.train.launch import (
     STAGES,
     JobSlot,
@@ -52,6 +53,8 @@ __all__ = [
     "SliceSampler",
     "SliceTable",
     "Source",
+    "StepBudget",
+    "StepCap",
     "StreamingSource",
     "TrainResult",
     "augment_batch",

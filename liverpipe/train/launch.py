@@ -18,9 +18,12 @@ Where the jobs run (:func:`job_slots`):
 - one GPU, or ``cpu_jobs=1``: one job after another in this process.
 
 Jobs start longest first (steps x batch x input pixels), so the last to finish is a short
-one. The resolved settings travel to a child as JSON, so it trains with exactly the
-parent's config. A job that fails does not stop the others; its error (and log file) is
-reported.
+one. With ``[train_all] minutes`` each job, when it starts, gets its share of the time
+left as its ``max_minutes`` (:func:`liverpipe.train.budget.share_of`: the time the slots
+hold, less what the running jobs still plan to use, in the part its cost is of the
+jobs not yet started), and caps its steps to fit. The resolved settings travel to a
+child as JSON, so it trains with exactly the parent's config. A job that fails does not
+stop the others; its error (and log file) is reported.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import os
 import queue
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +48,7 @@ from liverpipe.errors import LiverpipeError
 from liverpipe.models import MODELS
 from liverpipe.rundir import RUN_RECORD, RunRecord, RunResult, StageDir, latest_run, new_run_id
 from liverpipe.settings import Settings, Stage
+from liverpipe.train.budget import share_of
 from liverpipe.train.loop import TrainResult, require_train_cases, train
 from storage import SliceStore
 
@@ -125,7 +131,9 @@ def parse_gpus(text: str) -> list[str] | None:
 def read_result(run_dir: Path) -> TrainResult:
     """The ``result.json`` a finished training run leaves in its folder."""
     result = RunResult.read(StageDir(run_dir))
-    return TrainResult(run_dir, result.steps, result.best_score, result.last_loss)
+    return TrainResult(
+        run_dir, result.steps, result.best_score, result.last_loss, result.planned_steps
+    )
 
 
 def start_run(
@@ -187,7 +195,8 @@ def train_all(
     ``gpus`` defaults to every visible CUDA device. Outcomes come back in (model, stage)
     order. ``on_start("<model> <stage>")`` may return a per-step callback (``on_step``)
     for jobs trained in this process; jobs in their own processes report through
-    ``train.log``.
+    ``train.log``. With ``[train_all] minutes`` each job's share of the time left
+    becomes its ``max_minutes`` when it starts.
     """
     gpus = visible_gpus() if gpus is None else list(gpus)
     record = runs_dir / RUN_RECORD
@@ -197,6 +206,7 @@ def train_all(
     slots = job_slots(gpus, cpu_jobs, len(jobs))
     if slots and not gpus:  # CPU jobs side by side share the machine's memory too
         per_model = {m: _share_memory(s, len(slots)) for m, s in per_model.items()}
+    budget = _TimeShares(settings.train_all.minutes, per_model, max(1, len(slots)), _clock)
     if not slots:
         outcomes = []
         for name, stage in jobs:
@@ -204,12 +214,13 @@ def train_all(
             outcome = _train_here(
                 store_path,
                 runs_dir / name / stage,
-                per_model[name],
+                budget.settings(name, stage),
                 resume,
                 on_step,
                 stage,
                 cases=cases,
             )
+            budget.finish(name, stage)
             if on_done:
                 on_done(outcome)
             outcomes.append(outcome)
@@ -225,13 +236,14 @@ def train_all(
             outcome = _train_child(
                 store_path,
                 runs_dir / name / stage,
-                per_model[name],
+                budget.settings(name, stage),
                 resume,
                 slot,
                 stage,
                 record=record,
             )
         finally:
+            budget.finish(name, stage)
             free.put(slot)
         if on_done:
             on_done(outcome)
@@ -241,6 +253,52 @@ def train_all(
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         done = dict(zip(longest_first, pool.map(one, longest_first), strict=True))
     return [done[job] for job in jobs]
+
+
+#: The clock that ``[train_all] minutes`` reads (a test replaces it).
+_clock = time.monotonic
+
+
+class _TimeShares:
+    """``[train_all] minutes`` shared out: each job takes its share of the time left
+    when it starts (none without a budget)."""
+
+    def __init__(
+        self,
+        minutes: float | None,
+        per_model: dict[str, Settings],
+        lanes: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.per_model, self.lanes, self.clock = per_model, lanes, clock
+        self.deadline = None if minutes is None else clock() + 60.0 * minutes
+        self.queued = {(m, st): job_cost(s, st) for m, s in per_model.items() for st in STAGES}
+        self.running: dict[tuple[str, Stage], float] = {}  # the planned ends of their shares
+        self.lock = threading.Lock()
+
+    def settings(self, model: str, stage: Stage) -> Settings:
+        """The job's settings, with its share of the time left as its ``max_minutes``
+        (at least a second; the stage's own ``max_minutes`` where smaller)."""
+        base = self.per_model[model]
+        with self.lock:
+            cost = self.queued.pop((model, stage))
+            if self.deadline is None:
+                return base
+            now = self.clock()
+            busy = [end - now for end in self.running.values()]
+            share = share_of(self.deadline - now, cost, sum(self.queued.values()), self.lanes, busy)
+            self.running[model, stage] = now + share
+        cfg = base.stage(stage)
+        minutes = max(share, 1.0) / 60.0
+        if cfg.max_minutes is not None:
+            minutes = min(minutes, cfg.max_minutes)
+        section = "train" if stage == "liver" else "tumour"
+        return base.model_copy(update={section: cfg.model_copy(update={"max_minutes": minutes})})
+
+    def finish(self, model: str, stage: Stage) -> None:
+        """The job ended: its lane is free for the jobs after it."""
+        with self.lock:
+            self.running.pop((model, stage), None)
 
 
 def job_cost(settings: Settings, stage: Stage) -> float:

@@ -5,7 +5,8 @@ streamed), on-device augmentation, Dice + cross-entropy, AdamW with warmup then 
 or poly decay, gradient clipping, validation on the val split every N steps (3D Dice
 per case), ``last.pt`` / ``best.pt``, ``config.json`` and ``history.jsonl``. ``--resume``
 restores model, optimiser, scheduler and every RNG, so the resumed history equals an
-uninterrupted run.
+uninterrupted run. With ``max_minutes`` the job caps its steps once from its measured
+speed (:mod:`liverpipe.train.budget`); the cap travels in ``last.pt``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from liverpipe.models import load_checkpoint, model_for, save_checkpoint
 from liverpipe.rundir import RunRecord, RunResult, StageDir
 from liverpipe.settings import STRIDE, TUMOUR_SEED, Settings, Stage, TrainConfig, load_settings
 from liverpipe.train.augment import augment_batch
+from liverpipe.train.budget import StepBudget, StepCap
 from liverpipe.train.sampling import SliceSampler, SliceTable, StreamingSource
 from liverpipe.train.stages import (
     Source,
@@ -52,6 +54,7 @@ RUNTIME_FIELDS = frozenset(
     {
         "steps",
         "epochs",
+        "max_minutes",
         "val_every",
         "log_every",
         "resident",
@@ -70,13 +73,24 @@ class TrainResult:
     steps: int
     best_score: float
     last_loss: float
+    #: The steps planned, where a time budget (``max_minutes``) trained fewer.
+    planned_steps: int | None = None
+
+    @property
+    def steps_text(self) -> str:
+        """``1500 steps``, or ``645 of 1500 steps (time budget)``."""
+        if self.planned_steps is None:
+            return f"{self.steps} steps"
+        return f"{self.steps} of {self.planned_steps} steps (time budget)"
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier: linear warmup, then cosine or poly decay to 0."""
+def lr_factor(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine or poly decay to 0 at ``steps``
+    (default ``cfg.steps``; a time budget's cap)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    total = cfg.steps if steps is None else steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     if cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return (1.0 - progress) ** 0.9
@@ -165,6 +179,22 @@ class _Dist:
 
 
 @dataclass
+class _Horizon:
+    """The steps the job trains: planned, or the time budget's cap once decided."""
+
+    steps: int
+    cap: StepCap | None = None
+
+    def set_cap(self, cap: StepCap) -> None:
+        self.cap, self.steps = cap, min(self.steps, cap.steps)
+
+    @property
+    def planned_if_cut(self) -> int | None:
+        """The steps planned, where the cap trains fewer."""
+        return self.cap.planned if self.cap is not None and self.cap.binding else None
+
+
+@dataclass
 class _Run:
     """Everything that changes while training, and what a checkpoint restores."""
 
@@ -173,6 +203,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: SliceSampler
     gen: torch.Generator
+    horizon: _Horizon
     step: int = 0
     best: float = -1.0
 
@@ -187,6 +218,7 @@ class _Job:
     folder: StageDir
     identity: dict[str, Any]
     dist: _Dist
+    record: dict[str, Any]  # config.json, rewritten when a time budget caps the steps
 
 
 def _build(cfg: TrainConfig, table: SliceTable, device: torch.device, dist: _Dist) -> _Run:
@@ -194,10 +226,13 @@ def _build(cfg: TrainConfig, table: SliceTable, device: torch.device, dist: _Dis
     model = model_for(cfg, cfg.encoder_weights).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_factor(s, cfg))
+    horizon = _Horizon(cfg.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: lr_factor(s, cfg, horizon.steps)
+    )
     sampler = SliceSampler(table, cfg.oversample, cfg.seed + 1000 * dist.rank)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * dist.rank)
-    return _Run(model, optimiser, scheduler, sampler, gen)
+    return _Run(model, optimiser, scheduler, sampler, gen, horizon)
 
 
 def _restore(run: _Run, state: dict[str, Any], dist: _Dist) -> None:
@@ -209,6 +244,8 @@ def _restore(run: _Run, state: dict[str, Any], dist: _Dist) -> None:
     run.gen.set_state(rng["augment"])
     torch.set_rng_state(rng["torch"])
     run.step, run.best = int(state["step"]), float(state["best"])
+    if state.get("step_cap") is not None:  # the schedule decays over the recorded cap
+        run.horizon.set_cap(StepCap.from_dict(state["step_cap"]))
 
 
 def _state(
@@ -228,6 +265,7 @@ def _state(
         "step": run.step,
         "best": run.best,
         "identity": identity,
+        "step_cap": run.horizon.cap.to_dict() if run.horizon.cap else None,
     }
 
 
@@ -283,6 +321,7 @@ def train(
     Under ``torchrun`` (DDP: NCCL on CUDA, gloo on the CPU) each rank draws its own
     batches of ``batch_size``; rank 0 validates and writes every file.
     """
+    started = _clock()
     cfg = settings.stage(stage)
     dist = _Dist.from_env()
     store = SliceStore.open(store_path)
@@ -300,14 +339,12 @@ def train(
     cfg = cfg.model_copy(update={"steps": resolve_steps(cfg, len(table), dist.world)})
     run = _build(cfg, table, device, dist)
     identity = _identity(cfg, store)
-    folder = StageDir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist.main:
-        folder.result.unlink(missing_ok=True)  # written again when training ends
+    folder = _fresh_folder(run_dir, dist)
     if resume and folder.last.exists():
         _restore(run, load_checkpoint(folder.last, identity), dist)
         if dist.main:
             _truncate_history(folder.history, run.step)
+    record: dict[str, Any] = {}
     if dist.main:
         record = {
             **settings.model_dump(mode="json"),
@@ -317,7 +354,8 @@ def train(
             "world_size": dist.world,
             "torch_threads": torch.get_num_threads(),  # its share of the cores (train-all slots)
             "stage": stage,
-            "steps": cfg.steps,
+            "steps": run.horizon.steps,
+            "step_cap": run.horizon.cap.to_dict() if run.horizon.cap else None,
         }
         write_json_atomic(folder.config, record)
     losses = (smp.losses.DiceLoss("multiclass", from_logits=True), torch.nn.CrossEntropyLoss())
@@ -331,11 +369,13 @@ def train(
     source = make_source(cfg, store, table, prepared, run.sampler, device)
     stream = _BatchStream(run.sampler, source, cfg.batch_size, cfg.prefetch)
     try:
-        job = _Job(cfg, store, val_ids, folder, identity, dist)
-        loss = _loop(run, fwd, stream, losses, job, on_step)
+        job = _Job(cfg, store, val_ids, folder, identity, dist, record)
+        budget = _budget(cfg, run, _clock() - started)  # the set-up counts against it
+        loss = _loop(run, fwd, stream, losses, job, on_step, budget=budget)
     finally:
         stream.close()
     best = run.best if run.best >= 0 else math.nan
+    planned = run.horizon.planned_if_cut
     threshold: float | None = None
     candidates: dict[str, float] = {}
     seed = TUMOUR_SEED  # the lesion seed that prediction applies by default
@@ -356,8 +396,18 @@ def train(
             tumour_threshold=threshold,
             thresholds_tried=dict(candidates),
             threshold_seed=seed if candidates else None,
+            planned_steps=planned,
         ).write(folder)
-    return TrainResult(run_dir, run.step, best, loss)
+    return TrainResult(run_dir, run.step, best, loss, planned)
+
+
+def _fresh_folder(run_dir: Path, dist: _Dist) -> StageDir:
+    """The stage's folder, without the result.json of an earlier end (written again)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = StageDir(run_dir)
+    if dist.main:
+        folder.result.unlink(missing_ok=True)
+    return folder
 
 
 def require_train_cases(store_path: Path, train_ids: Sequence[str]) -> None:
@@ -426,14 +476,17 @@ def _loop(
     losses: tuple[Any, Any],
     job: _Job,
     on_step: Callable[[int, float], None] | None,
+    *,
+    budget: StepBudget | None = None,
 ) -> float:
     cfg, dist = job.cfg, job.dist
     device = next(run.model.parameters()).device
     loss, wait, clock = float("nan"), 0.0, time.perf_counter()
     history = job.folder.history.open("a") if dist.main else None
     try:
-        while run.step < cfg.steps:
+        while run.step < run.horizon.steps:
             run.model.train()
+            started = _clock()
             t0 = time.perf_counter()
             images, labels = stream.next()
             images, labels = (
@@ -442,9 +495,14 @@ def _loop(
             )
             wait += time.perf_counter() - t0
             loss = dist.mean(_one_step(run, fwd, images, labels, cfg, losses))
+            if budget is not None:
+                cap = budget.observe(run.step, _clock() - started)
+                if cap is not None:
+                    _apply_cap(run, job, min(dist.gather(cap), key=lambda c: c.steps), history)
             if on_step:
                 on_step(run.step, loss)
-            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            last = run.step == run.horizon.steps
+            if run.step % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - clock
                 if history:
                     history.write(
@@ -462,12 +520,56 @@ def _loop(
                         )
                     )
                 wait, clock = 0.0, time.perf_counter()
-            if run.step % cfg.val_every == 0 or run.step == cfg.steps:
+            if run.step % cfg.val_every == 0 or last:
                 _validate_and_save(run, stream, job, history)
     finally:
         if history:
             history.close()
     return loss
+
+
+#: The clock the time budget reads (a test replaces it).
+_clock = time.perf_counter
+
+
+def _budget(cfg: TrainConfig, run: _Run, setup: float) -> StepBudget | None:
+    """The time budget still to decide (``setup`` seconds spent): none without
+    ``max_minutes`` or once capped."""
+    if cfg.max_minutes is None or run.horizon.cap is not None:
+        return None
+    return StepBudget(cfg.max_minutes, run.horizon.steps, run.step, spent=setup)
+
+
+def _apply_cap(run: _Run, job: _Job, cap: StepCap, history: Any) -> None:
+    """Train ``cap.steps`` from now on (the slowest rank's cap under DDP), and say so in
+    history.jsonl and config.json."""
+    run.horizon.set_cap(cap)
+    if not job.dist.main:
+        return
+    history.write(_json_line({"step": run.step, "budget": cap.to_dict()}))
+    write_json_atomic(
+        job.folder.config, {**job.record, "steps": run.horizon.steps, "step_cap": cap.to_dict()}
+    )
+    if cap.binding:
+        _log.warning(
+            "%s: at %.3f s a step, %s of the %s planned steps fit in max_minutes = %s, so "
+            "the job trains %s (the schedule decays over them). For all steps: raise "
+            "max_minutes, or train on a faster machine.",
+            job.folder.path,
+            cap.seconds_per_step,
+            cap.steps,
+            cap.planned,
+            cap.max_minutes,
+            cap.steps,
+        )
+    if cap.steps < job.cfg.warmup_steps:
+        _log.warning(
+            "%s: the time budget's %s steps end inside the warmup of %s steps, so the "
+            "learning rate never decays. Fix: lower warmup_steps or raise max_minutes.",
+            job.folder.path,
+            cap.steps,
+            job.cfg.warmup_steps,
+        )
 
 
 def _validate_and_save(run: _Run, stream: _BatchStream, job: _Job, history: Any) -> None:
@@ -522,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if _Dist.from_env().main:
             model = settings.stage(args.stage).model
-            print(f"trained {model} ({args.stage}) for {result.steps} steps into {args.out}")
+            print(f"trained {model} ({args.stage}) for {result.steps_text} into {args.out}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -455,10 +455,16 @@ def test_job_cost_starts_the_longest_jobs_first() -> None:
     from liverpipe.train import job_cost
 
     cpu = load_settings(REPO / "configs" / "cpu.toml")
-    # The demo's tumour stage: 1500 steps of 64^2 crops; its liver stage: 400 of 192^2 / 3^2.
-    assert job_cost(cpu, "tumour") == 1500 * 16 * 64 * 64
-    assert job_cost(cpu, "liver") == 400 * 16 * 64 * 64
+    # The demo's tumour stage: 1500 steps of 64^2 crops; its liver stage: 400 of 192^2 / 3^2;
+    # a UNet++ step costs twice a DeepLabV3Plus step.
+    assert cpu.tumour.model == "unetplusplus"
+    assert job_cost(cpu, "tumour") == 1500 * 16 * 64 * 64 * 2.0
+    assert job_cost(cpu, "liver") == 400 * 16 * 64 * 64 * 2.0
     assert job_cost(cpu, "tumour") > job_cost(cpu, "liver")
+    dlv3 = cpu.model_copy(
+        update={"tumour": cpu.tumour.model_copy(update={"model": "deeplabv3plus"})}
+    )
+    assert job_cost(dlv3, "tumour") == 1500 * 16 * 64 * 64
 
 
 def test_train_all_on_the_cpu_runs_jobs_side_by_side_with_a_share_of_the_cores(

@@ -301,13 +301,23 @@ class _TimeShares:
             self.running.pop((model, stage), None)
 
 
+#: Time of a training step relative to DeepLabV3Plus at the same input. Measured on the
+#: CPU demo's jobs (RegNetX-400MF, depth 4, width 64, 64² inputs, batch 16, one thread
+#: each, two side by side): 0.186 / 0.152 / 0.100 s a step on 2026-12-04 (Intel Xeon,
+#: AVX-512), and wall times of 10:24 / 7:20 / 4:41 for 1500 steps on 2026-12-03 (AMD
+#: EPYC, AVX2). Only the order of the jobs and the shares of a time budget read it.
+STEP_COST: dict[str, float] = {"unetplusplus": 2.0, "manet": 1.55, "deeplabv3plus": 1.0}
+
+
 def job_cost(settings: Settings, stage: Stage) -> float:
-    """A job's rough size for ordering: steps x batch x input pixels of a sample (the
-    liver stage's slices after ``downsample``, the tumour stage's crops)."""
+    """A job's rough size for ordering and for shares of a time budget: steps x batch x
+    input pixels of a sample (the liver stage's slices after ``downsample``, the tumour
+    stage's crops) x the architecture's :data:`STEP_COST`."""
     cfg = settings.stage(stage)
     height, width = cfg.crop_size if stage == "tumour" else settings.preprocess.slice_size
     scale = 1 if stage == "tumour" else cfg.downsample**2
-    return cfg.steps * cfg.batch_size * height * width / scale
+    pixels = cfg.steps * cfg.batch_size * height * width / scale
+    return pixels * STEP_COST.get(cfg.model, 1.0)
 
 
 def _share_memory(settings: Settings, jobs: int) -> Settings:

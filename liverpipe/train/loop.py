@@ -552,7 +552,7 @@ def _apply_cap(run: _Run, job: _Job, cap: StepCap, history: Any) -> None:
     )
     if cap.binding:
         _log.warning(
-            "%s: at %.3f s a step, %s of the %s planned steps fit in max_minutes = %s, so "
+            "%s: at %.3f s a step, %s of the %s planned steps fit in max_minutes = %.2f, so "
             "the job trains %s (the schedule decays over them). For all steps: raise "
             "max_minutes, or train on a faster machine.",
             job.folder.path,

@@ -32,11 +32,11 @@ def _feed(budget: StepBudget, seconds: list[float], first: int = 1):
 
 def test_the_cap_is_what_fits_at_the_probed_speed_after_the_skipped_steps() -> None:
     # 5 slow first steps (counted as time spent, not as speed), then 1 s a step.
-    budget = StepBudget(max_minutes=2.0, planned=1000, start_step=0, skip=5, probe=30)
+    budget = StepBudget(max_minutes=2.0, planned=300, start_step=0, skip=5, probe=30)
     step, cap = _feed(budget, [4.0] * 5 + [1.0] * 100)
     assert step == 35 and cap.decided_at == 35 and cap.seconds_per_step == 1.0
     assert cap.steps == 35 + (120 - 20 - 30)  # what is left of 120 s, at 1 s a step
-    assert cap.binding and cap.planned == 1000 and cap.max_minutes == 2.0
+    assert cap.binding and cap.planned == 300 and cap.max_minutes == 2.0
     assert budget.observe(36, 100.0) is None  # decided once
 
 
@@ -47,14 +47,20 @@ def test_a_budget_that_fits_keeps_the_planned_steps() -> None:
 
 
 def test_a_spent_budget_stops_at_the_steps_done_and_never_below() -> None:
-    budget = StepBudget(max_minutes=0.1, planned=300, start_step=0, skip=2, probe=3)
+    budget = StepBudget(max_minutes=0.1, planned=12, start_step=0, skip=2, probe=3)
     step, cap = _feed(budget, [5.0] * 10)
     assert step == 5 and cap.steps == 5
 
 
+def test_a_job_trains_at_least_a_quarter_of_its_plan() -> None:
+    budget = StepBudget(max_minutes=0.1, planned=300, start_step=0, skip=2, probe=3)
+    _, cap = _feed(budget, [5.0] * 10)
+    assert cap.steps == 75 and cap.binding
+
+
 def test_steps_of_an_earlier_process_count_at_the_probed_speed() -> None:
     # Resumed at step 20 before a cap was decided: 20 steps were spent at 2 s a step.
-    budget = StepBudget(max_minutes=3.0, planned=1000, start_step=20, skip=0, probe=10)
+    budget = StepBudget(max_minutes=3.0, planned=300, start_step=20, skip=0, probe=10)
     step, cap = _feed(budget, [2.0] * 20, first=21)
     assert step == 30 and cap.steps == 30 + (180 - 40 - 20) // 2
 

@@ -4,9 +4,10 @@ Fixed step counts cannot hold a wall-clock goal across machines: the CPU demo's 
 1.7-2.2x slower on one 2-core machine than on another. With ``max_minutes`` a job times
 its steps, and after ``skip + probe`` steps of this process it sets its step count once:
 as many steps as fit in the budget at the probe's mean speed, never more than planned
-and never fewer than it has done or than :data:`MIN_FRACTION` of the plan. The learning-rate schedule then decays over the capped
-count (:func:`liverpipe.train.loop.lr_factor` takes it), so a capped run still ends at
-zero learning rate; a cap within the warmup leaves the rate where the warmup reached.
+and never fewer than it has done or than :data:`MIN_FRACTION` of the plan. The
+learning-rate schedule then decays over the capped count
+(:func:`liverpipe.train.loop.lr_factor` takes it), so a capped run still ends at zero
+learning rate; a cap within the warmup leaves the rate where the warmup reached.
 
 The budget covers the job's set-up and its training steps with their data wait.
 Validation, checkpoints and the tumour threshold's tuning run outside it. The cap is
